@@ -1,0 +1,200 @@
+"""Plain data for one intercepted exchange: the Flow record and its parts.
+
+The relay fills a Flow as the exchange progresses and hands it to the sinks when it is complete (or
+failed). `Flow.to_dict()` is the JSON Lines schema documented in the README; sinks never reach into
+the relay, only into these records.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["Body", "Message", "Request", "Response", "CertInfo", "TlsSide", "TlsInfo", "Timing", "Flow"]
+
+Headers = list  # list[tuple[bytes, bytes]] as on the wire: case and order kept
+
+
+def _latin1(b: bytes) -> str:
+    return b.decode("latin-1")
+
+
+@dataclass(slots=True)
+class Body:
+    """A body as relayed: its true size, and a captured prefix (up to the configured cap)."""
+
+    size: int = 0
+    captured: bytearray = field(default_factory=bytearray)
+    truncated: bool = False
+
+    def feed(self, data: bytes, cap: int) -> None:
+        self.size += len(data)
+        room = cap - len(self.captured)
+        if room > 0:
+            self.captured += data[:room]
+        if len(data) > room:
+            self.truncated = True
+
+
+@dataclass(slots=True)
+class Message:
+    http_version: str = "1.1"
+    headers: Headers = field(default_factory=list)
+    body: Body = field(default_factory=Body)
+    trailers: Headers = field(default_factory=list)
+
+    def header(self, name: bytes) -> bytes | None:
+        """First value of a header, case-insensitively (name in lower case)."""
+        for k, v in self.headers:
+            if k.lower() == name:
+                return v
+        return None
+
+
+@dataclass(slots=True)
+class Request(Message):
+    method: str = ""
+    scheme: str = "https"
+    host: str = ""
+    port: int = 443
+    target: str = "/"  # the request-target as sent by the client
+
+    @property
+    def url(self) -> str:
+        if self.target.startswith(("http://", "https://")):
+            return self.target
+        default = 443 if self.scheme == "https" else 80
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        netloc = host if self.port == default else f"{host}:{self.port}"
+        return f"{self.scheme}://{netloc}{self.target}"
+
+
+@dataclass(slots=True)
+class Response(Message):
+    status: int = 0
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class CertInfo:
+    subject: str
+    issuer: str
+    sans: tuple[str, ...]
+    sha256: str
+    not_before: str
+    not_after: str
+
+
+@dataclass(slots=True)
+class TlsSide:
+    sni: str | None = None
+    version: str | None = None
+    cipher: str | None = None
+    alpn: str | None = None
+    alpn_offer: tuple[str, ...] = ()
+    # upstream only
+    verified: bool | None = None
+    insecure: bool = False
+    verify_code: int | None = None
+    verify_result: str | None = None
+    cert: CertInfo | None = None
+
+
+@dataclass(slots=True)
+class TlsInfo:
+    client: TlsSide | None = None
+    upstream: TlsSide | None = None
+
+
+@dataclass(slots=True)
+class Timing:
+    """Milliseconds since the flow's start for each milestone (None = not reached)."""
+
+    start: float = 0.0  # wall clock, seconds since the epoch
+    client_tls_ms: float | None = None
+    connect_ms: float | None = None
+    upstream_tls_ms: float | None = None
+    request_sent_ms: float | None = None
+    first_byte_ms: float | None = None
+    total_ms: float | None = None
+
+
+@dataclass(slots=True)
+class Flow:
+    client_addr: str
+    mode: str  # "https" (CONNECT + TLS), "tunnel-http" (CONNECT, plain HTTP inside), "http" (forward)
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    request: Request | None = None
+    response: Response | None = None
+    tls: TlsInfo = field(default_factory=TlsInfo)
+    timing: Timing = field(default_factory=Timing)
+    error: dict | None = None  # ProxyError.to_record()
+    upgraded: str | None = None  # e.g. "websocket" once switched to a raw relay
+    insecure: bool = False
+
+    def __repr__(self) -> str:
+        req = f"{self.request.method} {self.request.url}" if self.request else "-"
+        st = self.response.status if self.response else (self.error or {}).get("kind", "-")
+        return f"<Flow {self.id[:8]} {self.client_addr} {req} -> {st}>"
+
+    def to_dict(self, decode_body: Any = None) -> dict:
+        """JSON-ready dict; `decode_body(message) -> dict` renders bodies (see decode.py)."""
+
+        def msg(m: Message) -> dict:
+            d: dict[str, Any] = {
+                "http_version": m.http_version,
+                "headers": [[_latin1(k), _latin1(v)] for k, v in m.headers],
+            }
+            if m.trailers:
+                d["trailers"] = [[_latin1(k), _latin1(v)] for k, v in m.trailers]
+            if decode_body is not None:
+                d["body"] = decode_body(m)
+            else:
+                d["body"] = {"size": m.body.size, "captured": len(m.body.captured), "truncated": m.body.truncated}
+            return d
+
+        out: dict[str, Any] = {
+            "id": self.id,
+            "start": self.timing.start,
+            "client": self.client_addr,
+            "mode": self.mode,
+        }
+        if self.request is not None:
+            r = self.request
+            out["request"] = {"method": r.method, "url": r.url, "scheme": r.scheme, "host": r.host,
+                              "port": r.port, "target": r.target, **msg(r)}
+        else:
+            out["request"] = None
+        if self.response is not None:
+            s = self.response
+            out["response"] = {"status": s.status, "reason": s.reason, **msg(s)}
+        else:
+            out["response"] = None
+        tls = {}
+        for name in ("client", "upstream"):
+            side = getattr(self.tls, name)
+            if side is not None:
+                d = dataclasses.asdict(side)
+                d["alpn_offer"] = list(side.alpn_offer)
+                if side.cert is not None:
+                    d["cert"]["sans"] = list(side.cert.sans)
+                if name == "client":
+                    for k in ("verified", "insecure", "verify_code", "verify_result", "cert"):
+                        d.pop(k)
+                tls[name] = d
+        out["tls"] = tls or None
+        t = self.timing
+        out["timings"] = {
+            "client_tls_ms": t.client_tls_ms,
+            "connect_ms": t.connect_ms,
+            "upstream_tls_ms": t.upstream_tls_ms,
+            "request_sent_ms": t.request_sent_ms,
+            "first_byte_ms": t.first_byte_ms,
+            "total_ms": t.total_ms,
+        }
+        out["error"] = self.error
+        out["upgraded"] = self.upgraded
+        out["insecure"] = self.insecure
+        return out

@@ -1,0 +1,367 @@
+"""Sans-IO HTTP/1.1 framing: a thin adapter over httptools (llhttp) plus the serialisers.
+
+Theory of operation
+-------------------
+httptools parses in C and calls back synchronously from `feed_data()`; the callbacks here only append
+plain event objects to a deque, so a reader is "bytes in, events out" like h11's `next_event()`:
+`RequestHead`/`ResponseHead`, `Data`, `EndOfMessage` (with trailers). Why httptools and not h11: it
+keeps header names' case and order exactly as on the wire, it is strict by default (it rejects
+Content-Length together with Transfer-Encoding, duplicate Content-Lengths, a Transfer-Encoding that
+does not end in chunked, bad chunk sizes, obs-fold, bare CR, NUL and whitespace before the colon,
+which is the request-smuggling list of RFC 9112 §6.3 and §11.2), and it is several times faster,
+which the per-request CPU budget of the benchmark issue needs.
+
+What llhttp cannot know is added here:
+- limits: request line (414), header block size and count (431), enforced while the head is still
+  arriving so a slow or huge head cannot grow memory;
+- a response to HEAD has no body whatever its Content-Length says (RFC 9110 §9.3.2), and a 101 ends
+  HTTP on the connection: for both we stop the parser at the end of the head (`_StopParsing`) and,
+  for 101, hand back the bytes after the head (`ResponseReader.leftover`);
+- a close-delimited response ends at EOF (RFC 9112 §6.3 rule 8), and a Content-Length or chunked body
+  cut short by EOF is an error (truncation), never a complete message.
+One ResponseReader per exchange: the proxy has at most one request outstanding per upstream
+connection, so anything after the final response is unsolicited and marks the connection unusable.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import httptools
+
+from .errors import BadRequest, HeadersTooLarge, RequestLineTooLong, UpstreamProtocolError
+
+__all__ = [
+    "Limits",
+    "RequestHead",
+    "ResponseHead",
+    "Data",
+    "EndOfMessage",
+    "RequestReader",
+    "ResponseReader",
+    "serialize_request_head",
+    "serialize_response_head",
+    "chunk",
+    "LAST_CHUNK",
+    "simple_response",
+]
+
+Headers = list  # list[tuple[bytes, bytes]]
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_request_line: int = 8192
+    max_head: int = 65536
+    max_headers: int = 100
+
+
+@dataclass(slots=True)
+class RequestHead:
+    method: str
+    target: str
+    http_version: str
+    headers: Headers
+    keep_alive: bool
+    chunked: bool
+    content_length: int | None
+    upgrade: bool = False  # CONNECT or Upgrade: the connection stops being HTTP after this message
+
+
+@dataclass(slots=True)
+class ResponseHead:
+    status: int
+    reason: str
+    http_version: str
+    headers: Headers
+    keep_alive: bool
+    chunked: bool
+    content_length: int | None
+    close_delimited: bool
+    informational: bool = False  # 1xx other than 101: another head follows
+
+
+@dataclass(frozen=True, slots=True)
+class Data:
+    data: bytes
+
+
+@dataclass(slots=True)
+class EndOfMessage:
+    trailers: Headers = field(default_factory=list)
+
+
+class _StopParsing(Exception):
+    pass
+
+
+def _framing(headers: Headers) -> tuple[bool, int | None, bytes | None]:
+    chunked = False
+    length = None
+    upgrade = None
+    for k, v in headers:
+        lk = k.lower()
+        if lk == b"transfer-encoding":
+            chunked = v.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
+        elif lk == b"content-length":
+            length = int(v)  # llhttp has already rejected anything that is not digits
+        elif lk == b"upgrade":
+            upgrade = v
+    return chunked, length, upgrade
+
+
+class _Reader:
+    """Shared callback plumbing of both readers."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self.events: deque = deque()
+        self._url = b""
+        self._reason = b""
+        self._headers: Headers = []
+        self._head_bytes = 0
+        self._in_head = False
+        self._in_body = False
+        self._trailers: Headers | None = None
+
+    # httptools callbacks -------------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self._url = b""
+        self._reason = b""
+        self._headers = []
+        self._head_bytes = 0
+        self._in_head = True
+        self._trailers = None
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        if len(self._url) > self.limits.max_request_line:
+            raise RequestLineTooLong(f"request line longer than {self.limits.max_request_line} bytes")
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._trailers is not None:
+            self._trailers.append((name, value))
+            return
+        self._headers.append((name, value))
+        self._head_bytes += len(name) + len(value) + 4
+        if len(self._headers) > self.limits.max_headers:
+            raise HeadersTooLarge(f"more than {self.limits.max_headers} header fields")
+        if self._head_bytes > self.limits.max_head:
+            raise HeadersTooLarge(f"header block larger than {self.limits.max_head} bytes")
+
+    def on_body(self, body: bytes) -> None:
+        if body:
+            self.events.append(Data(body))
+
+    def on_chunk_complete(self) -> None:
+        pass
+
+    def on_chunk_header(self) -> None:
+        # Header callbacks after this one are trailers (RFC 9112 §7.1.2).
+        if self._trailers is None:
+            self._trailers = []
+
+    def on_message_complete(self) -> None:
+        self._in_body = False
+        self.events.append(EndOfMessage(self._trailers or []))
+
+    def _feed(self, parser, data: bytes, error_cls) -> None:
+        try:
+            parser.feed_data(data)
+        except httptools.HttpParserCallbackError as e:
+            cause = e.__cause__ or e.__context__
+            if isinstance(cause, _StopParsing):
+                return
+            if isinstance(cause, (BadRequest, HeadersTooLarge, RequestLineTooLong, UpstreamProtocolError)):
+                raise cause from None
+            raise error_cls(f"cannot parse: {cause or e}") from None
+        except httptools.HttpParserError as e:
+            raise error_cls(f"malformed HTTP: {e}") from None
+
+    def next_event(self):
+        return self.events.popleft() if self.events else None
+
+
+class RequestReader(_Reader):
+    """Requests from the client, pipelined ones included, in order."""
+
+    def __init__(self, limits: Limits = Limits()) -> None:
+        super().__init__(limits)
+        self._parser = httptools.HttpRequestParser(self)
+        self.upgraded = False
+        self.leftover = b""  # bytes after a CONNECT/Upgrade request: not HTTP any more
+        self._pending_head = 0
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        p = self._parser
+        try:
+            chunked, length, upgrade = _framing(self._headers)
+        except ValueError:
+            raise BadRequest("invalid Content-Length") from None
+        method = p.get_method().decode("ascii")
+        self.events.append(
+            RequestHead(
+                method=method,
+                target=self._url.decode("latin-1"),
+                http_version=p.get_http_version(),
+                headers=self._headers,
+                keep_alive=p.should_keep_alive(),
+                chunked=chunked,
+                content_length=length,
+                upgrade=method == "CONNECT" or upgrade is not None,
+            )
+        )
+
+    def feed(self, data: bytes) -> None:
+        if self.upgraded:
+            self.leftover += data
+            return
+        try:
+            self._feed(self._parser, data, BadRequest)
+        except httptools.HttpParserUpgrade as e:
+            self.upgraded = True
+            self.leftover = data[int(e.args[0]) :]
+        # llhttp buffers a header that spans reads; bound what an unfinished head may hold.
+        if self._in_head:
+            self._pending_head += len(data)
+            if self._pending_head > self.limits.max_head + self.limits.max_request_line:
+                raise HeadersTooLarge(f"request head larger than {self.limits.max_head} bytes")
+        else:
+            self._pending_head = 0
+
+
+class ResponseReader(_Reader):
+    """The response(s) to ONE request: any 1xx, then the final response."""
+
+    def __init__(self, request_method: str, limits: Limits = Limits()) -> None:
+        super().__init__(limits)
+        self._parser = httptools.HttpResponseParser(self)
+        self._head_only = request_method == "HEAD"
+        self._close_delimited = False
+        self.done = False
+        self.switched = False  # a 101: the rest of the stream is the new protocol
+        self.unsolicited = False  # the origin sent bytes after the final response
+        self._head_buf = bytearray()  # raw bytes of the current head (bounded), to split a 101
+        self.leftover = b""
+
+    def on_message_begin(self) -> None:
+        if self.done:
+            self.unsolicited = True
+            raise _StopParsing()
+        super().on_message_begin()
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        p = self._parser
+        status = p.get_status_code()
+        try:
+            chunked, length, _ = _framing(self._headers)
+        except ValueError:
+            raise UpstreamProtocolError("the origin sent an invalid Content-Length") from None
+        informational = 100 <= status < 200 and status != 101
+        no_body = self._head_only or status in (101, 204, 304) or informational
+        self._close_delimited = not (no_body or chunked or length is not None)
+        head = ResponseHead(
+            status=status,
+            reason=self._reason.decode("latin-1"),
+            http_version=p.get_http_version(),
+            headers=self._headers,
+            keep_alive=p.should_keep_alive() and not self._close_delimited,
+            chunked=chunked and not no_body,
+            content_length=length,
+            close_delimited=self._close_delimited,
+            informational=informational,
+        )
+        self.events.append(head)
+        if informational:
+            return
+        if status == 101 or self._head_only:
+            # llhttp would wait for a HEAD response's body, and stops with an error after a 101.
+            self.done = True
+            self.switched = status == 101
+            self.events.append(EndOfMessage())
+            raise _StopParsing()
+        self._in_body = True
+
+    def on_message_complete(self) -> None:
+        if self.done:
+            return
+        if self.events and isinstance(self.events[-1], ResponseHead) and self.events[-1].informational:
+            return  # the end of a 1xx is not the end of the exchange
+        self.done = True
+        super().on_message_complete()
+
+    def feed(self, data: bytes) -> None:
+        if self.done:
+            if data:
+                self.unsolicited = True
+                self.leftover += data
+            return
+        if self._in_head or not self._in_body:
+            self._head_buf += data
+            if len(self._head_buf) > self.limits.max_head * 2:
+                raise UpstreamProtocolError(f"the origin's response head is larger than {self.limits.max_head} bytes")
+        self._feed(self._parser, data, UpstreamProtocolError)
+        if self.switched:
+            end = self._head_buf.find(b"\r\n\r\n")
+            self.leftover = bytes(self._head_buf[end + 4 :]) if end >= 0 else b""
+        if self._in_body:
+            self._head_buf.clear()
+
+    def feed_eof(self) -> None:
+        """The origin closed its side. Ends a close-delimited body; anything else was cut short."""
+        if self.done:
+            return
+        if self._in_body and self._close_delimited:
+            self.done = True
+            self._in_body = False
+            self.events.append(EndOfMessage())
+            return
+        where = "in the response body" if self._in_body else "before sending a complete response head"
+        if not self._in_body and not self._head_buf and not self._headers:
+            where = "without sending a response"
+        raise UpstreamProtocolError(f"the origin closed the connection {where}")
+
+
+# --- serialisers ------------------------------------------------------------------------------
+
+_CRLF = b"\r\n"
+LAST_CHUNK = b"0\r\n\r\n"
+
+
+def _headers_bytes(headers: Headers) -> bytes:
+    return b"".join(k + b": " + v + _CRLF for k, v in headers)
+
+
+def serialize_request_head(method: str, target: str, version: str, headers: Headers) -> bytes:
+    return f"{method} {target} HTTP/{version}\r\n".encode("latin-1") + _headers_bytes(headers) + _CRLF
+
+
+def serialize_response_head(status: int, reason: str, version: str, headers: Headers) -> bytes:
+    return f"HTTP/{version} {status} {reason}\r\n".encode("latin-1") + _headers_bytes(headers) + _CRLF
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+def last_chunk(trailers: Headers) -> bytes:
+    return b"0\r\n" + _headers_bytes(trailers) + _CRLF
+
+
+def simple_response(status: int, reason: str, body: str, *, close: bool = True, extra: Headers = ()) -> bytes:
+    """A complete response generated by the proxy itself (errors, CONNECT replies)."""
+    payload = body.encode("utf-8")
+    headers = [
+        (b"Content-Type", b"text/plain; charset=utf-8"),
+        (b"Content-Length", str(len(payload)).encode()),
+        *extra,
+    ]
+    if close:
+        headers.append((b"Connection", b"close"))
+    return serialize_response_head(status, reason, "1.1", headers) + payload

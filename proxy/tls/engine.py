@@ -1,0 +1,258 @@
+"""One TLS endpoint over memory BIOs, M2Crypto on both sides: bytes in, bytes out, no sockets.
+
+Theory of operation
+-------------------
+`TLSEngine` owns one `SSL*` and its two memory BIOs. The caller feeds ciphertext that arrived from
+the network with `receive()` (or `receive_eof()`), drives the handshake with `handshake()`, moves
+plaintext with `read()`/`write()`, and after EVERY call takes the ciphertext to send with
+`outgoing()` (design.md principle 2: drain after every TLS operation).
+
+We use the raw `m2.ssl_*`/`m2.bio_*` functions rather than `SSL.Connection`, which fences off the
+traps measured in ../shared/notes/m2crypto.md in one place:
+- no real socket is ever opened (`SSL.Connection(ctx)` opens one per object, §1.4.1);
+- the BIO pointers never leave this object and are never used after `SSL_free` (§1.4.2: SIGSEGV),
+  and `SSL_set_bio` is called exactly once (a second call frees the first pair);
+- no `Connection.__del__` calling `SSL_shutdown` on a half-open SSL from the garbage collector, and
+  the thread's OpenSSL error queue is cleared before every operation (§1.4.3: stale errors make
+  `bio_read` raise);
+- EOF from the network is signalled explicitly with `bio_set_mem_eof_return` (§1.4.4), so a
+  truncated stream is an error, not a hang;
+- the session is never read with `Connection.get_session()` (a double free, §1.4.7);
+- the `SSL.Context` is referenced for the engine's whole life, keeping any ctypes callbacks pinned
+  on it alive (§4).
+Errors are translated here, at the boundary, into `TLSFailure` carrying OpenSSL's reason string and
+the X509 verify code; contexts.py/relay turn those into the typed hierarchy of errors.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+
+from M2Crypto import SSL, X509, m2
+
+from ..flow import CertInfo
+from . import openssl_ext
+
+__all__ = ["TLSEngine", "TLSFailure", "cert_info", "is_ip"]
+
+_WANT = (m2.ssl_error_want_read, m2.ssl_error_want_write)
+_READ_SIZE = 16384  # one TLS record at most per ssl_read_nbio call (§1.4.10)
+
+
+class TLSFailure(Exception):
+    """A TLS operation failed. `reason` is OpenSSL's reason string (or ours); `verify_code` is
+    SSL_get_verify_result() for client-mode engines (0 = the certificate verified)."""
+
+    def __init__(self, reason: str, verify_code: int = 0, *, eof: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.verify_code = verify_code
+        self.eof = eof
+
+
+def is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _drain_errors() -> str:
+    """Pop the thread's OpenSSL error queue; return the most specific reason string."""
+    reasons = []
+    while True:
+        code = m2.err_get_error()
+        if not code:
+            break
+        reasons.append(m2.err_reason_error_string(code) or f"error {code:#x}")
+    return reasons[0] if reasons else ""
+
+
+class TLSEngine:
+    """A TLS endpoint in client mode (`server_side=False`: the proxy talking to an origin) or server
+    mode (the proxy talking to the browser). Not thread-safe; one per connection."""
+
+    __slots__ = ("_ctx", "_ssl", "_rb", "_wb", "server_side", "handshake_done", "_closed", "hostname", "leaf_der")
+
+    def __init__(
+        self,
+        ctx: SSL.Context,
+        *,
+        server_side: bool,
+        hostname: str | None = None,
+        sni: bool = True,
+        alpn: tuple[str, ...] = (),
+    ) -> None:
+        self._ctx = ctx  # keeps the SSL_CTX and its pinned ctypes callbacks alive (§4)
+        self.server_side = server_side
+        self.handshake_done = False
+        self._closed = False
+        self.hostname = hostname
+        self.leaf_der: bytes | None = None  # client mode: the origin's leaf, even if it was refused
+        m2.err_clear_error()
+        self._ssl = m2.ssl_new(ctx.ctx)
+        self._rb = m2.bio_new(m2.bio_s_mem())
+        self._wb = m2.bio_new(m2.bio_s_mem())
+        m2.ssl_set_bio(self._ssl, self._rb, self._wb)  # SSL owns both BIOs from here on: never free them
+        if server_side:
+            m2.ssl_set_accept_state(self._ssl)
+            return
+        if not hostname:
+            # set1_host("") silently disables the hostname check (§1.4.6): refuse outright.
+            self.free()
+            raise ValueError("an upstream TLS connection needs a host name to verify")
+        host = hostname.rstrip(".").lower()  # a trailing dot never matches (§1.4.6)
+        m2.ssl_set_connect_state(self._ssl)
+        if sni and not is_ip(host):
+            # RFC 6066 §3: "Literal IPv4 and IPv6 addresses are not permitted in HostName".
+            m2.ssl_set_tlsext_host_name(self._ssl, host)
+        m2.ssl_set1_host(self._ssl, host)  # checked during the handshake (verify code 62/64)
+        if alpn:
+            openssl_ext.ssl_set_alpn_protos(int(self._ssl), alpn)
+
+    # --- ciphertext in/out --------------------------------------------------------------------
+
+    def receive(self, data: bytes) -> None:
+        if data:
+            m2.bio_write(self._rb, data)
+
+    def receive_eof(self) -> None:
+        m2.bio_set_mem_eof_return(self._rb, 0)
+
+    def outgoing(self) -> bytes:
+        n = m2.bio_ctrl_pending(self._wb)
+        if not n:
+            return b""
+        m2.err_clear_error()
+        return m2.bio_read(self._wb, n) or b""
+
+    # --- TLS operations -----------------------------------------------------------------------
+
+    def handshake(self) -> bool:
+        """Advance the handshake; True once complete. Raises TLSFailure."""
+        if self.handshake_done:
+            return True
+        m2.err_clear_error()
+        r = m2.ssl_do_handshake(self._ssl)
+        if r == 1:
+            self.handshake_done = True
+            self._take_leaf()
+            return True
+        err = m2.ssl_get_error(self._ssl, r)
+        if err in _WANT:
+            return False
+        self._take_leaf()
+        reason = _drain_errors()
+        verify = 0 if self.server_side else m2.ssl_get_verify_result(self._ssl)
+        if not reason:
+            eof = err in (m2.ssl_error_syscall, m2.ssl_error_zero_return)
+            reason = "connection closed during the TLS handshake" if eof else f"TLS error {err}"
+            raise TLSFailure(reason, verify, eof=eof)
+        raise TLSFailure(reason, verify)
+
+    def _take_leaf(self) -> None:
+        if not self.server_side:
+            der = openssl_ext.take_leaf_der(int(self._ssl))
+            if der:
+                self.leaf_der = der
+
+    def read(self) -> bytes | None:
+        """Decrypted bytes: data, b"" once the peer closed (close_notify), None if more input is
+        needed. Raises TLSFailure (e.g. "unexpected eof while reading": truncation)."""
+        try:
+            data = m2.ssl_read_nbio(self._ssl, _READ_SIZE)
+        except SSL.SSLError as e:
+            m2.err_clear_error()
+            raise TLSFailure(str(e) or "TLS read error") from None
+        return data
+
+    def write(self, data: bytes) -> None:
+        """Encrypt `data` (the whole buffer: memory BIOs never block after the handshake)."""
+        if not data:
+            return
+        try:
+            n = m2.ssl_write_nbio(self._ssl, data)
+        except (SSL.SSLError, BrokenPipeError) as e:
+            m2.err_clear_error()
+            raise TLSFailure(str(e) or "TLS write error") from None
+        if n != len(data):
+            raise TLSFailure(f"TLS write incomplete ({n} of {len(data)} bytes)")
+
+    def shutdown(self) -> None:
+        """Queue a close_notify (send it with outgoing())."""
+        if self.handshake_done and not self._closed:
+            m2.ssl_shutdown(self._ssl)
+            m2.err_clear_error()
+
+    def free(self) -> None:
+        """Release the SSL and its BIOs now. Idempotent; the engine is unusable afterwards."""
+        if not self._closed:
+            self._closed = True
+            openssl_ext.take_leaf_der(int(self._ssl))
+            m2.ssl_free(self._ssl)  # also frees _rb and _wb
+            self._ssl = self._rb = self._wb = None
+            m2.err_clear_error()
+
+    def __del__(self) -> None:
+        try:
+            self.free()
+        except Exception:
+            pass
+
+    # --- facts for the log --------------------------------------------------------------------
+
+    @property
+    def version(self) -> str | None:
+        return m2.ssl_get_version(self._ssl) if self.handshake_done else None
+
+    @property
+    def cipher(self) -> str | None:
+        if not self.handshake_done:
+            return None
+        c = m2.ssl_get_current_cipher(self._ssl)
+        return m2.ssl_cipher_get_name(c) if c else None
+
+    @property
+    def alpn(self) -> str | None:
+        return openssl_ext.ssl_get_alpn_selected(int(self._ssl)) if self.handshake_done else None
+
+    @property
+    def verify_code(self) -> int:
+        return m2.ssl_get_verify_result(self._ssl)
+
+    def peer_cert(self) -> X509.X509 | None:
+        ptr = m2.ssl_get_peer_cert(self._ssl)  # get1: we own the reference
+        return X509.X509(ptr, 1) if ptr else None
+
+    def __repr__(self) -> str:
+        side = "server" if self.server_side else f"client for {self.hostname}"
+        state = "closed" if self._closed else ("up" if self.handshake_done else "handshaking")
+        return f"<TLSEngine {side} {state}>"
+
+
+def cert_info(cert: X509.X509) -> CertInfo:
+    """The upstream certificate's facts for the flow record."""
+    try:
+        san = cert.get_ext("subjectAltName").get_value()
+        sans = tuple(s.strip() for s in san.split(",") if s.strip())
+    except LookupError:
+        sans = ()
+    der = cert.as_der()
+    return CertInfo(
+        subject=cert.get_subject().as_text(),
+        issuer=cert.get_issuer().as_text(),
+        sans=sans,
+        sha256=hashlib.sha256(der).hexdigest(),
+        not_before=str(cert.get_not_before()),
+        not_after=str(cert.get_not_after()),
+    )
+
+
+def has_san(cert: X509.X509) -> bool:
+    try:
+        cert.get_ext("subjectAltName")
+    except LookupError:
+        return False
+    return True
