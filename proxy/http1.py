@@ -185,6 +185,11 @@ class _Reader:
     def next_event(self):
         return self.events.popleft() if self.events else None
 
+    @property
+    def in_head(self) -> bool:
+        """A message has begun and its head is not complete yet."""
+        return self._in_head
+
 
 class RequestReader(_Reader):
     """Requests from the client, pipelined ones included, in order."""

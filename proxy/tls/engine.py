@@ -115,13 +115,16 @@ class TLSEngine:
     # --- ciphertext in/out --------------------------------------------------------------------
 
     def receive(self, data: bytes) -> None:
-        if data:
+        if data and not self._closed:
             m2.bio_write(self._rb, data)
 
     def receive_eof(self) -> None:
-        m2.bio_set_mem_eof_return(self._rb, 0)
+        if not self._closed:
+            m2.bio_set_mem_eof_return(self._rb, 0)
 
     def outgoing(self) -> bytes:
+        if self._closed:
+            return b""
         n = m2.bio_ctrl_pending(self._wb)
         if not n:
             return b""
@@ -134,6 +137,8 @@ class TLSEngine:
         """Advance the handshake; True once complete. Raises TLSFailure."""
         if self.handshake_done:
             return True
+        if self._closed:
+            raise TLSFailure("connection already closed")
         m2.err_clear_error()
         r = m2.ssl_do_handshake(self._ssl)
         if r == 1:
@@ -161,6 +166,8 @@ class TLSEngine:
     def read(self) -> bytes | None:
         """Decrypted bytes: data, b"" once the peer closed (close_notify), None if more input is
         needed. Raises TLSFailure (e.g. "unexpected eof while reading": truncation)."""
+        if self._closed:
+            raise TLSFailure("connection already closed")
         try:
             data = m2.ssl_read_nbio(self._ssl, _READ_SIZE)
         except SSL.SSLError as e:
@@ -172,6 +179,8 @@ class TLSEngine:
         """Encrypt `data` (the whole buffer: memory BIOs never block after the handshake)."""
         if not data:
             return
+        if self._closed:
+            raise TLSFailure("connection already closed")
         try:
             n = m2.ssl_write_nbio(self._ssl, data)
         except (SSL.SSLError, BrokenPipeError) as e:
@@ -205,7 +214,7 @@ class TLSEngine:
 
     @property
     def version(self) -> str | None:
-        return m2.ssl_get_version(self._ssl) if self.handshake_done else None
+        return m2.ssl_get_version(self._ssl) if self.handshake_done and not self._closed else None
 
     @property
     def cipher(self) -> str | None:

@@ -1,0 +1,169 @@
+"""Command line: argument parsing, config loading, exit codes. Nothing else.
+
+    httpsdump [--listen-host H] [--listen-port P] [--confdir D] [--upstream-ca FILE]... [--insecure]
+              [--log-file PATH] [--config FILE] [-q | -v]
+    httpsdump ca path|show|export [--confdir D] [--format pem|der] [-o FILE]
+
+Exit codes: 0 clean exit (also after SIGINT/SIGTERM), 2 bad usage, config or CA (the message names
+what is wrong and how to fix it), 3 the listen address cannot be used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+
+from .errors import CAError, ConfigError, ProxyError
+
+__all__ = ["main"]
+
+log = logging.getLogger("httpsdump")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--confdir", help="directory holding the CA (default ~/.httpsdump)")
+    p.add_argument("--config", metavar="FILE", help="TOML config file (see config.example.toml)")
+
+
+def _proxy_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="httpsdump",
+        description="A local HTTPS inspection proxy: every request and response, decoded, in the clear.",
+        epilog="Subcommands: 'httpsdump ca path|show|export' (see 'httpsdump ca --help').",
+    )
+    p.add_argument("--listen-host", help="address to listen on (default 127.0.0.1; loopback only is safe)")
+    p.add_argument("--listen-port", type=int, help="port to listen on (default 8080; 0 = any free port)")
+    _common(p)
+    p.add_argument("--upstream-ca", action="append", metavar="FILE",
+                   help="also trust this CA file when verifying origins (repeatable; adds to the system store)")
+    p.add_argument("--insecure", action="store_true", default=None,
+                   help="DANGEROUS: do not stop on invalid origin certificates (every affected flow is marked)")
+    p.add_argument("--log-file", metavar="PATH", help="append every flow as one JSON line to PATH (created 0600)")
+    v = p.add_mutually_exclusive_group()
+    v.add_argument("-q", "--quiet", action="store_true", help="print no flows")
+    v.add_argument("-v", "--verbose", action="store_true", help="print headers, bodies and TLS facts")
+    return p
+
+
+def _ca_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="httpsdump ca", description="Inspect or export the local CA certificate.")
+    sub = p.add_subparsers(dest="action", required=True)
+    for name, text in (("path", "print the CA certificate's path"), ("show", "print the CA's subject, validity, fingerprint"),
+                       ("export", "write the CA certificate (never the key)")):
+        sp = sub.add_parser(name, help=text)
+        _common(sp)
+        if name == "export":
+            sp.add_argument("--format", choices=("pem", "der"), default="pem")
+            sp.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of standard output")
+    return p
+
+
+def _fail(message: str, code: int = 2) -> int:
+    print(f"httpsdump: error: {message}", file=sys.stderr)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if argv[:1] == ["ca"]:
+            return _run_ca(_ca_parser().parse_args(argv[1:]))
+        return _run_proxy(_proxy_parser().parse_args(argv))
+    except (ConfigError, CAError) as e:
+        return _fail(e.message)
+    except KeyboardInterrupt:
+        return 0
+
+
+def _load(args) -> "Config":
+    from .config import load_config
+
+    overrides = {"confdir": args.confdir}
+    for key in ("listen_host", "listen_port", "log_file", "insecure"):
+        overrides[key] = getattr(args, key, None)
+    if getattr(args, "quiet", False):
+        overrides["verbosity"] = 0
+    elif getattr(args, "verbose", False):
+        overrides["verbosity"] = 2
+    config = load_config(args.config, {k: v for k, v in overrides.items() if v is not None})
+    extra_cas = getattr(args, "upstream_ca", None)
+    if extra_cas:  # flags add to the config file's list, never replace it
+        config = load_config(args.config, {**{k: v for k, v in overrides.items() if v is not None},
+                                           "upstream_ca": list(config.upstream_ca) + extra_cas})
+    return config
+
+
+def _run_ca(args) -> int:
+    from ca import commands
+
+    config = _load(args)
+    confdir = config.confdir_path
+    if args.action == "path":
+        return commands.cmd_path(confdir, sys.stdout)
+    if args.action == "show":
+        return commands.cmd_show(confdir, sys.stdout)
+    return commands.cmd_export(confdir, args.format, args.output, sys.stdout.buffer)
+
+
+def _run_proxy(args) -> int:
+    config = _load(args)
+    logging.basicConfig(level=logging.DEBUG if config.verbosity > 1 else logging.INFO,
+                        format="httpsdump: %(message)s", stream=sys.stderr)
+    from ca.authority import load_or_create
+
+    from .server import ProxyServer, is_loopback
+    from .sinks.console import ConsoleSink
+    from .sinks.jsonl import JsonlSink
+
+    ca = load_or_create(config.confdir_path, key_type=config.ca_key_type)
+    sinks = [ConsoleSink(sys.stdout, config.verbosity)]
+    if config.log_file:
+        sinks.append(JsonlSink(config.log_file))
+    try:
+        server = ProxyServer(config, ca, sinks)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"cannot load an --upstream-ca file: {e}") from None
+    if not is_loopback(config.listen_host):
+        log.warning("listening on %s: anyone who can reach this address can use the proxy", config.listen_host)
+    if config.insecure:
+        log.warning("--insecure: origin certificates are NOT enforced; affected flows are marked insecure")
+    try:
+        return asyncio.run(_serve(server, config))
+    except OSError as e:
+        return _fail(f"cannot listen on {config.listen_host}:{config.listen_port}: {e.strerror or e} "
+                     "(is another proxy running there? choose another --listen-port)", 3)
+
+
+async def _serve(server, config) -> int:
+    await server.start()
+    log.info("listening on %s:%d", config.listen_host, server.port)
+    log.info("CA certificate: %s (trust it in your client; see the README)",
+             config.confdir_path / "httpsdump-ca.pem")
+    stop = asyncio.Event()
+    signals = 0
+
+    def on_signal() -> None:
+        nonlocal signals
+        signals += 1
+        if signals > 1:  # a second signal: leave at once
+            import os
+
+            os._exit(0)
+        stop.set()
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, on_signal)
+    await stop.wait()
+    log.info("shutting down (%d open connections)", server.open_connections)
+    await server.close()
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""Settings: one frozen dataclass, from defaults < TOML file (--config) < command-line flags.
+
+Every key is validated once, here; a bad key or value raises ConfigError naming the key and why, which
+the CLI turns into exit code 2. `config.example.toml` documents the same keys; a test keeps the two in
+step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+__all__ = ["Config", "load_config", "FIELDS"]
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 8080
+    confdir: str = "~/.httpsdump"
+    upstream_ca: tuple[str, ...] = ()
+    insecure: bool = False
+    log_file: str | None = None
+    verbosity: int = 1  # 0 = -q, 1 = one line per flow, 2 = -v
+    ca_key_type: str = "ec"
+    body_capture_limit: int = 1 << 20
+    max_request_line: int = 8192
+    max_header_bytes: int = 65536
+    max_headers: int = 100
+    handshake_timeout: float = 10.0
+    header_timeout: float = 30.0
+    idle_timeout: float = 120.0
+    connect_timeout: float = 10.0
+    leaf_cache_size: int = 2048
+    extra: dict = field(default_factory=dict, compare=False, repr=False)  # never set from TOML
+
+    @property
+    def confdir_path(self) -> Path:
+        return Path(os.path.expanduser(self.confdir))
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Config) if f.name != "extra"}
+
+
+def _check(key: str, value: Any) -> Any:
+    """Type- and range-check one setting; return the normalised value."""
+    default = FIELDS[key].default
+
+    def fail(why: str) -> ConfigError:
+        return ConfigError(f"config key '{key}': {why} (got {value!r})")
+
+    if key == "upstream_ca":
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
+            raise fail("must be a list of file paths")
+        for path in value:
+            if not os.path.isfile(os.path.expanduser(path)):
+                raise ConfigError(f"config key 'upstream_ca': file not found: {path}")
+        return tuple(os.path.expanduser(v) for v in value)
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise fail("must be true or false")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise fail("must be an integer")
+        if key == "listen_port" and not 0 <= value <= 65535:
+            raise fail("must be a port number 0-65535")
+        if key == "verbosity" and value not in (0, 1, 2):
+            raise fail("must be 0 (quiet), 1 or 2 (verbose)")
+        if key != "listen_port" and key != "verbosity" and value <= 0:
+            raise fail("must be positive")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise fail("must be a positive number of seconds")
+        return float(value)
+    # strings (some optional)
+    if value is None and key == "log_file":
+        return None
+    if not isinstance(value, str) or not value:
+        raise fail("must be a non-empty string")
+    if key == "ca_key_type" and value not in ("ec", "rsa"):
+        raise fail("must be 'ec' or 'rsa'")
+    if key == "listen_host":
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            if value != "localhost":
+                raise fail("must be an IP address (or localhost)") from None
+    return value
+
+
+def load_config(path: str | None, overrides: dict[str, Any]) -> Config:
+    """Defaults, then the TOML file at `path` (if any), then `overrides` (flags given explicitly)."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(os.path.expanduser(path), "rb") as f:
+                data = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+        for key, value in data.items():
+            if key not in FIELDS:
+                raise ConfigError(f"config file {path}: unknown key '{key}' (known keys: {', '.join(FIELDS)})")
+            values[key] = _check(key, value)
+    for key, value in overrides.items():
+        if value is not None:
+            values[key] = _check(key, value)
+    return Config(**values)

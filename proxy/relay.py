@@ -1,0 +1,552 @@
+"""Per-connection orchestration: the only module that knows the whole sequence. (asyncio shell)
+
+    first request ─┬─ CONNECT host:port ─ 200 ─ peek ─┬─ TLS ClientHello → mint leaf for SNI → client TLS
+                   │                                  │      (upstream connect+verify runs meanwhile)
+                   │                                  └─ plain bytes → HTTP inside the tunnel
+                   └─ GET http://host/… (absolute form) → plain forward proxy
+    then, per request: read head → get the upstream (502 with the cause if it failed: the request is
+    never sent) → stream the request body while reading the response → relay the response (1xx,
+    HEAD, 204/304, chunked, close-delimited, 101 → raw two-way relay) → one Flow to the sinks.
+
+Bodies stream with backpressure (every send awaits drain()); only a capped prefix is kept for the log,
+so memory per connection does not depend on body size. Every failure is a ProxyError (errors.py),
+mapped once, in `_fail`, to the client's response and the flow's error record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from . import clienthello
+from .errors import (
+    BadRequest,
+    CertificateError,
+    CertReason,
+    ClientError,
+    ClientTimeout,
+    ClientTLSError,
+    ProxyError,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+)
+from .flow import Flow, Request, Response, TlsSide
+from .http1 import (
+    Data,
+    EndOfMessage,
+    Limits,
+    RequestHead,
+    RequestReader,
+    ResponseHead,
+    ResponseReader,
+    chunk,
+    last_chunk,
+    serialize_request_head,
+    serialize_response_head,
+    simple_response,
+)
+from .streams import PlainStream, TLSStream
+from .tls.contexts import client_failure, upstream_failure
+from .tls.engine import TLSEngine, TLSFailure, cert_info, has_san, is_ip
+
+__all__ = ["Relay", "RelayPolicy"]
+
+log = logging.getLogger("httpsdump.relay")
+
+_HOP_BY_HOP_PROXY = (b"proxy-connection", b"proxy-authorization")
+
+
+@dataclass(frozen=True, slots=True)
+class RelayPolicy:
+    limits: Limits = Limits()
+    body_capture_limit: int = 1 << 20
+    handshake_timeout: float = 10.0
+    header_timeout: float = 30.0
+    idle_timeout: float = 120.0
+    connect_timeout: float = 10.0
+    insecure: bool = False
+    own_addresses: frozenset = frozenset()  # (host, port) pairs the proxy listens on: never a target
+
+
+def _split_host_port(authority: str, default_port: int) -> tuple[str, int]:
+    if authority.startswith("["):
+        host, _, rest = authority[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif authority.count(":") == 1:
+        host, port = authority.split(":")
+    else:
+        host, port = authority, ""
+    if not host:
+        raise BadRequest(f"no host in {authority!r}")
+    try:
+        p = int(port) if port else default_port
+    except ValueError:
+        raise BadRequest(f"invalid port in {authority!r}") from None
+    if not 0 < p < 65536:
+        raise BadRequest(f"invalid port in {authority!r}")
+    return host.lower().rstrip("."), p
+
+
+class _Upstream:
+    """One connection to an origin, opened on first use."""
+
+    def __init__(self, relay: "Relay", host: str, port: int, tls_name: str | None, sni: bool, flow_start: float):
+        self.relay, self.host, self.port = relay, host, port
+        self.tls_name, self.sni = tls_name, sni
+        self.stream: PlainStream | TLSStream | None = None
+        self.tls: TlsSide | None = None
+        self.connect_ms: float | None = None
+        self.tls_ms: float | None = None
+        self._t0 = flow_start
+
+    async def open(self) -> None:
+        r = self.relay
+        pol = r.policy
+        t0 = r.clock()
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(self.host, self.port, limit=1 << 17), pol.connect_timeout
+            )
+        except asyncio.TimeoutError:
+            raise UpstreamTimeout(f"connecting to {self.host}:{self.port} timed out after {pol.connect_timeout:g} s") from None
+        except socket.gaierror as e:
+            raise UpstreamConnectError(f"cannot resolve {self.host}: {e.strerror}") from None
+        except ConnectionRefusedError:
+            raise UpstreamConnectError(f"connection refused by {self.host}:{self.port}") from None
+        except OSError as e:
+            raise UpstreamConnectError(f"cannot connect to {self.host}:{self.port}: {e.strerror or e}") from None
+        self.connect_ms = (r.clock() - t0) * 1000
+        if self.tls_name is None:
+            self.stream = PlainStream(reader, writer, error=UpstreamProtocolError)
+            return
+        t1 = r.clock()
+        try:
+            engine = TLSEngine(r.upstream_ctx, server_side=False, hostname=self.tls_name, sni=self.sni,
+                               alpn=("http/1.1",))
+        except Exception:
+            writer.close()
+            raise
+        stream = TLSStream(reader, writer, engine, error=UpstreamProtocolError)
+        side = TlsSide(sni=self.tls_name if (self.sni and not is_ip(self.tls_name)) else None, insecure=pol.insecure)
+        self.tls = side
+        try:
+            await asyncio.wait_for(stream.handshake(), pol.handshake_timeout)
+        except asyncio.TimeoutError:
+            await stream.close()
+            raise UpstreamTimeout(f"TLS handshake with {self.tls_name} timed out after {pol.handshake_timeout:g} s") from None
+        except TLSFailure as f:
+            err = upstream_failure(f, self.tls_name, engine.leaf_der)
+            self._record_cert(side, engine, f.verify_code)
+            await stream.close()
+            raise err from None
+        self.tls_ms = (r.clock() - t1) * 1000
+        self._record_cert(side, engine, engine.verify_code)
+        side.version, side.cipher, side.alpn = engine.version, engine.cipher, engine.alpn
+        if not pol.insecure:
+            cert = engine.peer_cert()
+            if cert is not None and not has_san(cert):
+                # CA/B Forum BR §7.1.2.7.12 and every browser: names come from subjectAltName only.
+                await stream.close()
+                raise CertificateError(CertReason.NO_SAN, 0, f"the certificate for {self.tls_name} names only "
+                                       f"CN={cert.get_subject().CN}")
+        self.stream = stream
+
+    @staticmethod
+    def _record_cert(side: TlsSide, engine: TLSEngine, code: int) -> None:
+        from M2Crypto import X509
+
+        side.verify_code = code
+        side.verified = code == 0
+        side.verify_result = "ok" if code == 0 else CertReason.from_verify_code(code).value
+        if engine.leaf_der:
+            with contextlib.suppress(Exception):
+                side.cert = cert_info(X509.load_cert_der_string(engine.leaf_der))
+
+    async def close(self) -> None:
+        if self.stream is not None:
+            await self.stream.close()
+            self.stream = None
+
+
+class Relay:
+    """Serves one client connection at a time per `handle()` call; shared state is read-only."""
+
+    def __init__(self, policy: RelayPolicy, *, upstream_ctx, leaf_contexts, emit: Callable[[Flow], None],
+                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
+        self.policy = policy
+        self.upstream_ctx = upstream_ctx
+        self.leaf_contexts = leaf_contexts  # host -> server SSL.Context (ca.store.LeafStore)
+        self.emit = emit
+        self.clock = clock
+        self.wall = wall
+
+    # --- entry ---------------------------------------------------------------------------------
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername") or ("?", 0)
+        client_addr = f"{peer[0]}:{peer[1]}"
+        client = PlainStream(reader, writer)
+        rr = RequestReader(self.policy.limits)
+        try:
+            head = await self._read_head(client, rr, self.policy.header_timeout)
+            if head is None:
+                return
+            if head.method == "CONNECT":
+                await self._connect(client, rr, head, client_addr)
+            elif head.target.startswith("http://"):
+                await self._exchanges(client, rr, client_addr, "http", None, first=head)
+            else:
+                raise BadRequest(
+                    f"httpsdump is a proxy: use it with CONNECT or an absolute URL (got {head.method} {head.target[:100]})"
+                )
+        except ProxyError as e:
+            await self._fail_connection(client, e, client_addr)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a bug must never take the proxy down, and must be visible
+            log.exception("internal error while serving %s", client_addr)
+            with contextlib.suppress(Exception):
+                await client.send(simple_response(500, "Internal Server Error", "httpsdump: internal error (see the proxy's log)\n"))
+        finally:
+            await client.close()
+
+    async def _fail_connection(self, client, e: ProxyError, client_addr: str, mode: str = "http") -> None:
+        """A failure before any exchange could start: answer the client, log an error flow."""
+        flow = Flow(client_addr=client_addr, mode=mode)
+        flow.timing.start = self.wall()
+        flow.error = e.to_record()
+        self.emit(flow)
+        log.info("%s: %s", client_addr, e.message)
+        with contextlib.suppress(Exception):
+            await client.send(simple_response(e.status, _reason(e.status), f"httpsdump: {e.message}\n"))
+
+    async def _read_head(self, stream, rr: RequestReader, timeout: float) -> RequestHead | None:
+        """Next request head, or None on a clean EOF between requests."""
+        ev = rr.next_event()
+        if ev is not None:
+            return ev
+        loop_deadline = self.clock() + timeout
+        while True:
+            remaining = loop_deadline - self.clock()
+            if remaining <= 0:
+                raise ClientTimeout(f"no complete request head within {timeout:g} s")
+            try:
+                data = await asyncio.wait_for(stream.recv(), remaining)
+            except asyncio.TimeoutError:
+                if rr.in_head:
+                    raise ClientTimeout(f"no complete request head within {timeout:g} s") from None
+                return None  # an idle connection: just close it
+            if not data:
+                if rr.in_head:
+                    raise BadRequest("the client closed the connection in the middle of a request head")
+                return None
+            rr.feed(data)
+            ev = rr.next_event()
+            if ev is not None:
+                return ev
+
+    # --- CONNECT ---------------------------------------------------------------------------------
+
+    async def _connect(self, client: PlainStream, rr: RequestReader, head: RequestHead, client_addr: str) -> None:
+        host, port = _split_host_port(head.target, 443)
+        if (host, port) in self.policy.own_addresses:
+            raise BadRequest(f"refusing to CONNECT to the proxy itself ({host}:{port})")
+        rr.next_event()  # the CONNECT's EndOfMessage
+        await client.send(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        t0 = self.clock()
+        buf = rr.leftover
+        hello = None
+        while True:
+            if buf and buf[0] != 0x16:
+                break
+            if buf:
+                try:
+                    hello = clienthello.parse(buf)
+                    break
+                except clienthello.NeedMore:
+                    pass
+                except clienthello.NotTLS as e:
+                    raise ClientTLSError(f"not a TLS ClientHello: {e}") from None
+            try:
+                data = await asyncio.wait_for(client.recv(), self.policy.handshake_timeout)
+            except asyncio.TimeoutError:
+                if not buf:
+                    return  # CONNECT opened and never used: nothing to log
+                raise ClientTimeout("the client's TLS ClientHello did not arrive in time") from None
+            if not data:
+                if buf:
+                    raise ClientTLSError("the client closed the connection during the TLS handshake")
+                return
+            buf += data
+        if hello is None:  # plain HTTP inside the tunnel
+            client.unread(buf)
+            await self._exchanges(client, RequestReader(self.policy.limits), client_addr, "tunnel-http",
+                                  (host, port, None, False))
+            return
+        name = hello.sni or host
+        ctls = TlsSide(sni=hello.sni, alpn_offer=tuple(hello.alpn))
+        try:
+            server_ctx = self.leaf_contexts.get(name)
+        except ValueError as e:  # mint refuses names that cannot be a certificate's subject
+            raise ClientTLSError(f"cannot mint a certificate for {name!r}: {e}") from None
+        engine = TLSEngine(server_ctx, server_side=True)
+        stream = TLSStream(client.reader, client.writer, engine)
+        # Connect and verify upstream while the client handshake runs; the request waits for both.
+        upstream = _Upstream(self, host, port, name, True, t0)
+        connecting = asyncio.ensure_future(upstream.open())
+        try:
+            try:
+                await asyncio.wait_for(stream.handshake(buf), self.policy.handshake_timeout)
+            except asyncio.TimeoutError:
+                raise ClientTimeout(f"the client's TLS handshake for {name} did not complete in time") from None
+            except TLSFailure as f:
+                raise client_failure(f, hello.sni or host) from None
+            ctls.version, ctls.cipher, ctls.alpn = engine.version, engine.cipher, engine.alpn
+            client_tls_ms = (self.clock() - t0) * 1000
+            await self._exchanges(stream, RequestReader(self.policy.limits), client_addr, "https",
+                                  (host, port, name, True), upstream=upstream, connecting=connecting,
+                                  client_tls=(ctls, client_tls_ms))
+        except ClientError as e:
+            flow = Flow(client_addr=client_addr, mode="https")
+            flow.timing.start = self.wall()
+            flow.tls.client = ctls
+            flow.error = e.to_record()
+            self.emit(flow)
+            log.info("%s: %s", client_addr, e.message)
+        finally:
+            connecting.cancel()
+            with contextlib.suppress(BaseException):
+                await connecting
+            await upstream.close()
+            engine.free()
+
+    # --- HTTP exchanges ------------------------------------------------------------------------
+
+    async def _exchanges(self, client, rr: RequestReader, client_addr: str, mode: str, target,
+                         *, first: RequestHead | None = None, upstream: _Upstream | None = None,
+                         connecting: asyncio.Future | None = None, client_tls=None) -> None:
+        """Serve requests on one client connection until it or the origin stops keeping it alive."""
+        try:
+            while True:
+                head = first if first is not None else await self._read_head(client, rr, self.policy.idle_timeout)
+                first = None
+                if head is None:
+                    return
+                flow = Flow(client_addr=client_addr, mode=mode)
+                flow.timing.start = self.wall()
+                t0 = self.clock()
+                if client_tls is not None:
+                    flow.tls.client, flow.timing.client_tls_ms = client_tls[0], client_tls[1]
+                    client_tls = (client_tls[0], None)  # the handshake belongs to the first flow only
+                try:
+                    flow.request, dest = self._request_record(head, mode, target)
+                    upstream, connecting = await self._upstream_for(upstream, connecting, dest, t0)
+                    flow.tls.upstream = upstream.tls
+                    flow.insecure = self.policy.insecure and upstream.tls is not None
+                    if upstream.connect_ms is not None and connecting is not None:
+                        flow.timing.connect_ms, flow.timing.upstream_tls_ms = upstream.connect_ms, upstream.tls_ms
+                        upstream.connect_ms = None  # reused connections report no connect time
+                    keep = await self._exchange(client, rr, head, upstream, flow, t0)
+                except ProxyError as e:
+                    flow.error = e.to_record()
+                    if upstream is not None and upstream.tls is not None and flow.tls.upstream is None:
+                        flow.tls.upstream = upstream.tls
+                    flow.timing.total_ms = (self.clock() - t0) * 1000
+                    self.emit(flow)
+                    log.info("%s %s: %s", client_addr, flow.request.url if flow.request else "-", e.message)
+                    if not getattr(e, "_response_started", False):
+                        with contextlib.suppress(Exception):
+                            await client.send(simple_response(e.status, _reason(e.status), f"httpsdump: {e.message}\n"))
+                    return
+                flow.timing.total_ms = (self.clock() - t0) * 1000
+                self.emit(flow)
+                if keep == "switched":
+                    if rr.leftover:
+                        await upstream.stream.send(rr.leftover)
+                    await self._raw_relay(client, upstream.stream)
+                    return
+                if not keep:
+                    return
+        finally:
+            if upstream is not None:
+                await upstream.close()
+
+    def _request_record(self, head: RequestHead, mode: str, target) -> tuple[Request, tuple]:
+        if head.method == "CONNECT":
+            raise BadRequest("CONNECT inside a tunnel is not supported")
+        req = Request(method=head.method, http_version=head.http_version, headers=head.headers, target=head.target)
+        if mode == "http":
+            from urllib.parse import urlsplit
+
+            parts = urlsplit(head.target)
+            if parts.scheme != "http" or not parts.netloc:
+                raise BadRequest(f"unsupported request target {head.target[:100]!r} (only http:// URLs and CONNECT)")
+            host, port = _split_host_port(parts.netloc.rpartition("@")[2], 80)
+            req.scheme, req.host, req.port = "http", host, port
+            if (host, port) in self.policy.own_addresses:
+                raise BadRequest(f"refusing to forward a request to the proxy itself ({host}:{port})")
+            path = parts.path or "/"
+            if parts.query:
+                path += "?" + parts.query
+            req.target = path
+            req.headers = [(k, v) for k, v in head.headers if k.lower() not in _HOP_BY_HOP_PROXY]
+            return req, (host, port, None, False)
+        host, port, tls_name, _ = target
+        req.scheme = "https" if tls_name else "http"
+        req.port = port
+        req.host = tls_name or host
+        hosthdr = next((v for k, v in head.headers if k.lower() == b"host"), None)
+        if hosthdr:  # the URL a person expects to see is the one their client asked for
+            with contextlib.suppress(ProxyError):
+                req.host, req.port = _split_host_port(hosthdr.decode("latin-1"), 443 if tls_name else 80)
+        return req, target
+
+    async def _upstream_for(self, upstream, connecting, dest, t0):
+        host, port, tls_name, sni = dest
+        if connecting is not None:  # CONNECT: the tunnel's one upstream, opened during the handshake
+            if not connecting.done() or upstream.stream is None:
+                await connecting
+            elif upstream.stream.at_eof():  # the origin closed the idle connection: reopen it
+                await upstream.close()
+                await upstream.open()
+            return upstream, connecting
+        if upstream is not None and (upstream.host, upstream.port) == (host, port) and upstream.stream and not upstream.stream.at_eof():
+            upstream.connect_ms = None
+            return upstream, None
+        if upstream is not None:
+            await upstream.close()
+        upstream = _Upstream(self, host, port, tls_name, sni, t0)
+        await upstream.open()
+        return upstream, None
+
+    async def _exchange(self, client, rr: RequestReader, head: RequestHead, upstream: _Upstream, flow: Flow, t0: float):
+        """One request/response. Returns True (keep the connection), False (close) or "switched"."""
+        up = upstream.stream
+        req = flow.request
+        await up.send(serialize_request_head(head.method, req.target, head.http_version, req.headers))
+        body_task = asyncio.ensure_future(self._pump_request_body(client, rr, head, up, flow, t0))
+        try:
+            result = await self._relay_response(client, up, head, flow, t0)
+        except BaseException:
+            body_task.cancel()
+            with contextlib.suppress(BaseException):
+                await body_task
+            raise
+        if not body_task.done():
+            # The origin answered before the request body ended (e.g. 413): stop here, close both.
+            body_task.cancel()
+            with contextlib.suppress(BaseException):
+                await body_task
+            return False
+        body_task.result()  # re-raises a request-side failure
+        if result is True and (not head.keep_alive or rr.upgraded):
+            return False  # the client asked to close, or an Upgrade the origin declined
+        return result
+
+    async def _pump_request_body(self, client, rr: RequestReader, head: RequestHead, up, flow: Flow, t0: float) -> bool:
+        cap = self.policy.body_capture_limit
+        req = flow.request
+        while True:
+            ev = rr.next_event()
+            if ev is None:
+                try:
+                    data = await asyncio.wait_for(client.recv(), self.policy.idle_timeout)
+                except asyncio.TimeoutError:
+                    raise ClientTimeout(f"the request body stalled for {self.policy.idle_timeout:g} s") from None
+                if not data:
+                    raise ClientError("the client closed the connection before sending the whole request body")
+                rr.feed(data)
+                continue
+            if isinstance(ev, Data):
+                req.body.feed(ev.data, cap)
+                await up.send(chunk(ev.data) if head.chunked else ev.data)
+            elif isinstance(ev, EndOfMessage):
+                req.trailers = ev.trailers
+                if head.chunked:
+                    await up.send(last_chunk(ev.trailers))
+                flow.timing.request_sent_ms = (self.clock() - t0) * 1000
+                return True
+            else:  # a pipelined request head: put it back for the exchange loop
+                rr.events.appendleft(ev)
+                return True
+
+    async def _relay_response(self, client, up, head: RequestHead, flow: Flow, t0: float):
+        cap = self.policy.body_capture_limit
+        resp_reader = ResponseReader(head.method, self.policy.limits)
+        resp: ResponseHead | None = None
+        started = False
+        while True:
+            ev = resp_reader.next_event()
+            if ev is None:
+                data = await up.recv()
+                if flow.timing.first_byte_ms is None and data:
+                    flow.timing.first_byte_ms = (self.clock() - t0) * 1000
+                try:
+                    if data:
+                        resp_reader.feed(data)
+                    else:
+                        if getattr(up, "truncated", False) and resp is not None and resp.close_delimited:
+                            raise UpstreamProtocolError("the origin's TLS stream was cut short (no close_notify): "
+                                                        "the response may be truncated")
+                        resp_reader.feed_eof()
+                except UpstreamError as e:
+                    e._response_started = started
+                    raise
+                continue
+            if isinstance(ev, ResponseHead):
+                if not ev.informational:
+                    resp = ev
+                    flow.response = Response(status=ev.status, reason=ev.reason, http_version=ev.http_version,
+                                             headers=ev.headers)
+                    started = True
+                await client.send(serialize_response_head(ev.status, ev.reason, ev.http_version, ev.headers))
+            elif isinstance(ev, Data):
+                flow.response.body.feed(ev.data, cap)
+                await client.send(chunk(ev.data) if resp.chunked else ev.data)
+            elif isinstance(ev, EndOfMessage):
+                flow.response.trailers = ev.trailers
+                if resp.chunked:
+                    await client.send(last_chunk(ev.trailers))
+                if resp_reader.switched:
+                    flow.upgraded = next((v.decode("latin-1") for k, v in resp.headers if k.lower() == b"upgrade"), "yes")
+                    if resp_reader.leftover:
+                        await client.send(resp_reader.leftover)
+                    return "switched"
+                return resp.keep_alive and not resp_reader.unsolicited
+
+    async def _raw_relay(self, client, up) -> None:
+        """After a 101: copy bytes both ways until both sides are done (WebSocket and the like)."""
+
+        async def pipe(src, dst):
+            while True:
+                data = await src.recv()
+                if not data:
+                    await dst.send_eof()
+                    return
+                await dst.send(data)
+
+        tasks = [asyncio.ensure_future(pipe(client, up)), asyncio.ensure_future(pipe(up, client))]
+        try:
+            await asyncio.wait(tasks, timeout=None, return_when=asyncio.ALL_COMPLETED)
+        finally:
+            for t in tasks:
+                t.cancel()
+                with contextlib.suppress(BaseException):
+                    await t
+
+
+_REASONS = {400: "Bad Request", 408: "Request Timeout", 414: "URI Too Long", 431: "Request Header Fields Too Large",
+            500: "Internal Server Error", 502: "Bad Gateway", 504: "Gateway Timeout"}
+
+
+def _reason(status: int) -> str:
+    return _REASONS.get(status, "Error")

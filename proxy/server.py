@@ -1,0 +1,119 @@
+"""The asyncio server: wires the CA, the TLS contexts, the relay and the sinks, accepts connections,
+tracks them, and shuts down gracefully. (asyncio shell)"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import socket
+import time
+from typing import Callable, Sequence
+
+from ca.authority import CA
+from ca.mint import mint, new_leaf_key, random_serial
+from ca.store import LeafStore
+
+from .config import Config
+from .flow import Flow
+from .http1 import Limits
+from .relay import Relay, RelayPolicy
+from .tls.contexts import server_context, upstream_context
+
+__all__ = ["ProxyServer", "is_loopback"]
+
+log = logging.getLogger("httpsdump")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    with contextlib.suppress(ValueError):
+        return ipaddress.ip_address(host).is_loopback
+    return False
+
+
+class ProxyServer:
+    def __init__(self, config: Config, ca: CA, sinks: Sequence, *, wall: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.sinks = list(sinks)
+        self._wall = wall
+        self._leaf_key = new_leaf_key()  # one key per run for every minted leaf (design.md)
+        self._ca = ca
+        self.leaf_contexts = LeafStore(self._make_leaf_context, cap=config.leaf_cache_size)
+        # One shared verifying context: the trust store is loaded once (notes §1.5).
+        self.upstream_ctx = upstream_context(config.upstream_ca, insecure=config.insecure)
+        self._server: asyncio.base_events.Server | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self.port: int | None = None
+        self.flows_emitted = 0
+
+    def _make_leaf_context(self, host: str):
+        cert = mint(self._ca, self._leaf_key, host, self._wall(), random_serial())
+        return server_context(cert, self._leaf_key)
+
+    def emit(self, flow: Flow) -> None:
+        self.flows_emitted += 1
+        for sink in self.sinks:
+            try:
+                sink.emit(flow)
+            except Exception:  # a broken sink must not break the relay; say so loudly
+                log.exception("traffic sink %r failed on flow %s", sink, flow.id)
+
+    def _policy(self, own: frozenset) -> RelayPolicy:
+        c = self.config
+        return RelayPolicy(
+            limits=Limits(max_request_line=c.max_request_line, max_head=c.max_header_bytes, max_headers=c.max_headers),
+            body_capture_limit=c.body_capture_limit,
+            handshake_timeout=c.handshake_timeout,
+            header_timeout=c.header_timeout,
+            idle_timeout=c.idle_timeout,
+            connect_timeout=c.connect_timeout,
+            insecure=c.insecure,
+            own_addresses=own,
+        )
+
+    async def start(self) -> None:
+        c = self.config
+        self._server = await asyncio.start_server(self._on_client, c.listen_host, c.listen_port,
+                                                  limit=1 << 17, reuse_address=True)
+        sock = self._server.sockets[0]
+        self.port = sock.getsockname()[1]
+        own = {(c.listen_host, self.port), ("127.0.0.1", self.port), ("localhost", self.port), ("::1", self.port)}
+        if c.listen_host in ("0.0.0.0", "::"):
+            with contextlib.suppress(OSError):
+                own |= {(a[4][0], self.port) for a in socket.getaddrinfo(socket.gethostname(), None)}
+        self.relay = Relay(self._policy(frozenset(own)), upstream_ctx=self.upstream_ctx,
+                           leaf_contexts=self.leaf_contexts, emit=self.emit)
+
+    async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        self._tasks.add(task)
+        try:
+            with contextlib.suppress(OSError):
+                writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            await self.relay.handle(reader, writer)
+        finally:
+            self._tasks.discard(task)
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._tasks)
+
+    async def close(self, grace: float = 5.0) -> None:
+        """Stop accepting, give in-flight connections `grace` seconds, then cancel the rest."""
+        if self._server is not None:
+            self._server.close()
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
+            for t in pending:
+                t.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=2.0)
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 2.0)
+        for sink in self.sinks:
+            with contextlib.suppress(Exception):
+                sink.close()
