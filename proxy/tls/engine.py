@@ -59,15 +59,19 @@ def is_ip(host: str) -> bool:
     return True
 
 
-def _drain_errors() -> str:
-    """Pop the thread's OpenSSL error queue; return the most specific reason string."""
-    reasons = []
+_SSL_R_UNEXPECTED_EOF_WHILE_READING = 294  # include/openssl/sslerr.h
+_ERR_REASON_MASK = 0x7FFFFF  # ERR_GET_REASON (OpenSSL 3)
+
+
+def _drain_errors() -> tuple[str, int]:
+    """Pop the thread's OpenSSL error queue; return the first reason string and reason code."""
+    first = ("", 0)
     while True:
         code = m2.err_get_error()
         if not code:
-            break
-        reasons.append(m2.err_reason_error_string(code) or f"error {code:#x}")
-    return reasons[0] if reasons else ""
+            return first
+        if not first[0]:
+            first = (m2.err_reason_error_string(code) or f"error {code:#x}", code & _ERR_REASON_MASK)
 
 
 class TLSEngine:
@@ -149,13 +153,13 @@ class TLSEngine:
         if err in _WANT:
             return False
         self._take_leaf()
-        reason = _drain_errors()
+        reason, code = _drain_errors()
         verify = 0 if self.server_side else m2.ssl_get_verify_result(self._ssl)
-        if not reason:
-            eof = err in (m2.ssl_error_syscall, m2.ssl_error_zero_return)
-            reason = "connection closed during the TLS handshake" if eof else f"TLS error {err}"
-            raise TLSFailure(reason, verify, eof=eof)
-        raise TLSFailure(reason, verify)
+        eof = code == _SSL_R_UNEXPECTED_EOF_WHILE_READING or (
+            not reason and err in (m2.ssl_error_syscall, m2.ssl_error_zero_return))
+        if eof:
+            reason = "connection closed during the TLS handshake"
+        raise TLSFailure(reason or f"TLS error {err}", verify, eof=eof)
 
     def _take_leaf(self) -> None:
         if not self.server_side:

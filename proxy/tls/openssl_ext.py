@@ -34,6 +34,7 @@ __all__ = [
     "encode_alpn",
     "ctx_set_verify",
     "take_leaf_der",
+    "ctx_get_options",
 ]
 
 TLS1_2_VERSION = 0x0303
@@ -64,6 +65,8 @@ _vp, _int, _long, _uint = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c
 
 _lib.SSL_CTX_ctrl.argtypes = [_vp, _int, _long, _vp]
 _lib.SSL_CTX_ctrl.restype = _long
+_lib.SSL_CTX_get_options.argtypes = [_vp]
+_lib.SSL_CTX_get_options.restype = ctypes.c_uint64
 _lib.SSL_set_alpn_protos.argtypes = [_vp, ctypes.c_char_p, _uint]
 _lib.SSL_set_alpn_protos.restype = _int
 _lib.SSL_get0_alpn_selected.argtypes = [_vp, ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(_uint)]
@@ -149,6 +152,10 @@ def set_min_version(ctx: SSL.Context, version: int = TLS1_2_VERSION) -> None:
     """SSL_CTX_set_min_proto_version (a macro over SSL_CTX_ctrl)."""
     if _lib.SSL_CTX_ctrl(int(ctx.ctx), _SSL_CTRL_SET_MIN_PROTO_VERSION, version, None) != 1:
         raise ValueError(f"cannot set minimum TLS version {version:#x}")
+
+
+def ctx_get_options(ctx: SSL.Context) -> int:
+    return _lib.SSL_CTX_get_options(int(ctx.ctx))
 
 
 def set_release_buffers(ctx: SSL.Context) -> None:
