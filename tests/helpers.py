@@ -249,6 +249,7 @@ class ProxyProc:
         self.args = args + [str(a) for a in extra_args]
         self.proc: subprocess.Popen | None = None
         self.port: int | None = None
+        self._finished = False
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -283,12 +284,19 @@ class ProxyProc:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def stop(self, term_timeout: float = 10) -> None:
+        """Stop the proxy now (a test that needs it gone, e.g. to change its confdir); fails the test
+        when it had died or printed a traceback."""
+        problems = self.finish(term_timeout)
+        assert not problems, "\n".join(problems)
+
     def finish(self, term_timeout: float = 10) -> list[str]:
         """Stop the proxy (SIGTERM, then SIGKILL after `term_timeout`); return the problems seen:
-        it had died during the test, or a traceback was printed."""
-        problems = []
-        if self.proc is None:
+        it had died during the test, or a traceback was printed. Only the first call does anything."""
+        problems: list[str] = []
+        if self.proc is None or self._finished:
             return problems
+        self._finished = True
         rc = self.proc.poll()
         if rc is not None:
             problems.append(f"the proxy process died during the test (exit code {rc})")
@@ -382,6 +390,34 @@ class ProxyProc:
 
 
 def run_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
-    """`python -m proxy ARGS...` to completion (for the commands that exit: ca show, bad config ...)."""
-    return subprocess.run([sys.executable, "-m", "proxy", *map(str, args)], capture_output=True, timeout=timeout,
-                          cwd=REPO_ROOT, env=clean_env(), stdin=subprocess.DEVNULL)
+    """`python -m proxy ARGS...` to completion (for the commands that exit: ca show, bad config ...).
+    A command that does not exit within `timeout` is killed and fails the test."""
+    cmd = [sys.executable, "-m", "proxy", *map(str, args)]
+    try:
+        return subprocess.run(cmd, capture_output=True, timeout=timeout, cwd=REPO_ROOT, env=clean_env(),
+                              stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired as e:
+        err = (e.stderr or b"").decode("utf-8", "replace")
+        raise AssertionError(f"{' '.join(cmd)} did not exit within {timeout}s\n--- stderr ---\n{err[-4000:]}") from None
+
+
+# --- small things the end-to-end tests share ------------------------------------------------------
+
+
+def https(name: str, origin, path: str) -> list[str]:
+    """curl args for https://NAME/PATH served by `origin` (via --connect-to, so SNI and Host are NAME)."""
+    return [*connect_to(name, origin.port), f"https://{name}{path}"]
+
+
+def norm_fp(fp: str) -> str:
+    """A fingerprint as lower-case hex without separators ("AB:CD" -> "abcd")."""
+    return re.sub(r"[^0-9a-f]", "", fp.lower())
+
+
+PEM_CERT_RE = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
+
+
+def pem_certs(data: bytes) -> list:
+    from cryptography import x509
+
+    return [x509.load_pem_x509_certificate(m.group(0)) for m in PEM_CERT_RE.finditer(data)]
