@@ -1,0 +1,93 @@
+"""The JSON Lines sink: one complete JSON object per line, appended to a private file.
+
+The log holds cookies, tokens and bodies, so the file is created 0600 and tightened to 0600 if it
+already exists with looser permissions. Each record is written with a single os.write() on an
+O_APPEND descriptor, with no user-space buffer in between: a reader (`tail -f`, `jq`) sees whole
+lines at once, and a crash of the proxy cannot leave half a line behind. If the disk fills up
+mid-write, the partial line is cut off again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import stat
+import threading
+
+from ..decode import render_body
+from ..errors import ConfigError
+from ..flow import Flow
+
+__all__ = ["JsonlSink"]
+
+log = logging.getLogger(__name__)
+
+
+class JsonlSink:
+    """Appends `flow.to_dict(decode_body=render_body)` as one line per flow to `path`."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = os.fspath(path)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0)
+        try:
+            fd = os.open(self.path, flags, 0o600)
+        except OSError as e:
+            raise ConfigError(f"cannot open the traffic log {self.path}: {e.strerror or e}") from None
+        try:
+            st = os.fstat(fd)
+            self._regular = stat.S_ISREG(st.st_mode)  # not a FIFO or /dev/stdout: those are not ours
+            if self._regular and st.st_mode & 0o077:
+                os.fchmod(fd, 0o600)
+        except OSError as e:
+            os.close(fd)
+            raise ConfigError(
+                f"cannot make the traffic log {self.path} private (0600): {e.strerror or e}") from None
+        self._fd: int | None = fd
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"<JsonlSink {self.path!r}{' closed' if self._fd is None else ''}>"
+
+    def emit(self, flow: Flow) -> None:
+        try:
+            record = flow.to_dict(decode_body=render_body)
+            line = json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n"
+        except Exception:  # a rendering bug must not cost the relay a flow; say so loudly
+            log.exception("JSONL sink could not render flow %s", getattr(flow, "id", "?"))
+            return
+        # A lone surrogate (from surrogateescape'd input) becomes the JSON escape "\udcxx".
+        data = line.encode("utf-8", "backslashreplace")
+        with self._lock:
+            if self._fd is None:
+                log.warning("JSONL sink %s: flow %s emitted after close; dropped", self.path, flow.id)
+                return
+            self._write(data, flow.id)
+
+    def _write(self, data: bytes, flow_id: str) -> None:
+        start, view = -1, memoryview(data)
+        try:
+            if self._regular:
+                start = os.lseek(self._fd, 0, os.SEEK_END)
+            while view:  # one call in practice; loop for the rare short write
+                view = view[os.write(self._fd, view):]
+        except OSError as e:
+            log.error("JSONL sink %s: cannot write flow %s: %s", self.path, flow_id, e.strerror or e)
+            if start >= 0 and len(view) < len(data):
+                try:
+                    os.ftruncate(self._fd, start)  # never leave half a line
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd is None:
+                return
+            fd, self._fd = self._fd, None
+            try:
+                if self._regular:
+                    os.fsync(fd)
+            except OSError as e:
+                log.warning("JSONL sink %s: fsync failed: %s", self.path, e.strerror or e)
+            finally:
+                os.close(fd)
