@@ -311,5 +311,5 @@ def preview(message: Message, width: int) -> str:
         line = printable(line.expandtabs(4))
         shown.append(line if len(line) <= width else line[:width - 1] + "…")
     if more:
-        shown.append(f"… ({body.size} bytes in all)")
+        shown.append(f"… ({body.size} bytes on the wire)")
     return "\n".join(shown)
