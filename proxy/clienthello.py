@@ -12,7 +12,8 @@ the caller calls `parse()` again on the longer buffer; each call is linear in th
 1. Records (RFC 8446 §5.1). Each is type(1) legacy_record_version(2) length(2) fragment. We walk
    consecutive records of type 22 (handshake) and concatenate their fragments, because one handshake
    message may be fragmented across records. Anything else before the hello is complete (another
-   content type, an SSLv2 header, a length over 2^14, an empty fragment) is `NotTLS`.
+   content type, an SSLv2 header, a length over 2^14, an empty fragment) is `NotTLS`, and so is a
+   record that goes on past the hello's last byte. Records after the hello are left alone.
 2. Handshake header (RFC 8446 §4): msg_type(1) length(3). The type must be client_hello (1) and the
    length at most `MAX_HELLO`, which bounds the work and memory for a hostile peer.
 3. ClientHello body (RFC 8446 §4.1.2, RFC 5246 §7.4.1.2), read through `_Reader`. Every read is

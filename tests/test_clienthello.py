@@ -129,6 +129,11 @@ def test_refragmented_capture(size):
 # --- things that are not a ClientHello ------------------------------------------------------------
 
 
+def test_error_hierarchy():
+    assert issubclass(NeedMore, ClientHelloError) and issubclass(NotTLS, ClientHelloError)
+    assert not issubclass(NeedMore, NotTLS) and not issubclass(NotTLS, NeedMore)
+
+
 @pytest.mark.parametrize("data, why", [
     (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", "content type 71"),
     (b"G", "content type 71"),
