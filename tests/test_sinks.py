@@ -330,9 +330,14 @@ def test_open_failures_are_config_errors(tmp_path):
         JsonlSink(tmp_path)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root bypasses file permissions")
 def test_permission_denied_is_a_config_error(tmp_path):
-    d = tmp_path / "ro"
-    d.mkdir(mode=0o500)
+    if os.geteuid() != 0:
+        d = tmp_path / "ro"
+        d.mkdir(mode=0o500)
+        target = d / "flows.jsonl"
+    elif os.path.exists("/sys/kernel/notes"):
+        target = "/sys/kernel/notes"  # read-only even for root, which bypasses file modes
+    else:
+        pytest.skip("root bypasses file permissions and no read-only sysfs file is at hand")
     with pytest.raises(ConfigError, match="Permission denied"):
-        JsonlSink(d / "flows.jsonl")
+        JsonlSink(target)
