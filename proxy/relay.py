@@ -219,15 +219,9 @@ class Relay:
         finally:
             await client.close()
 
-    async def _fail_connection(self, client, e: ProxyError, client_addr: str, mode: str = "http") -> None:
-        """A failure before any exchange could start: answer the client, log an error flow."""
-        flow = Flow(client_addr=client_addr, mode=mode)
-        flow.timing.start = self.wall()
-        flow.error = e.to_record()
-        self.emit(flow)
-        log.info("%s: %s", client_addr, e.message)
-        with contextlib.suppress(Exception):
-            await client.send(simple_response(e.status, _reason(e.status), f"httpsdump: {e.message}\n"))
+    async def _fail_connection(self, client, e: ProxyError, client_addr: str) -> None:
+        """A failure before any exchange could start (bad first request, bad CONNECT)."""
+        await self._failed_exchange(client, Flow(client_addr=client_addr, mode="http"), e, None, self.clock())
 
     async def _read_head(self, stream, rr: RequestReader, timeout: float) -> RequestHead | None:
         """Next request head, or None on a clean EOF between requests."""
@@ -327,7 +321,7 @@ class Relay:
             with contextlib.suppress(BaseException):
                 await connecting
             await upstream.close()
-            engine.free()
+            await stream.close()  # close_notify, then TCP close; frees the engine
 
     # --- HTTP exchanges ------------------------------------------------------------------------
 
@@ -337,17 +331,19 @@ class Relay:
         """Serve requests on one client connection until it or the origin stops keeping it alive."""
         try:
             while True:
-                head = first if first is not None else await self._read_head(client, rr, self.policy.idle_timeout)
-                first = None
-                if head is None:
-                    return
                 flow = Flow(client_addr=client_addr, mode=mode)
-                flow.timing.start = self.wall()
-                t0 = self.clock()
                 if client_tls is not None:
                     flow.tls.client, flow.timing.client_tls_ms = client_tls[0], client_tls[1]
-                    client_tls = (client_tls[0], None)  # the handshake belongs to the first flow only
+                t0 = self.clock()
                 try:
+                    head = first if first is not None else await self._read_head(client, rr, self.policy.idle_timeout)
+                    first = None
+                    if head is None:
+                        return
+                    flow.timing.start = self.wall()
+                    t0 = self.clock()
+                    if client_tls is not None:
+                        client_tls = (client_tls[0], None)  # the handshake belongs to the first flow only
                     flow.request, dest = self._request_record(head, mode, target)
                     upstream, connecting = await self._upstream_for(upstream, connecting, dest, t0)
                     flow.tls.upstream = upstream.tls
@@ -357,15 +353,7 @@ class Relay:
                         upstream.connect_ms = None  # reused connections report no connect time
                     keep = await self._exchange(client, rr, head, upstream, flow, t0)
                 except ProxyError as e:
-                    flow.error = e.to_record()
-                    if upstream is not None and upstream.tls is not None and flow.tls.upstream is None:
-                        flow.tls.upstream = upstream.tls
-                    flow.timing.total_ms = (self.clock() - t0) * 1000
-                    self.emit(flow)
-                    log.info("%s %s: %s", client_addr, flow.request.url if flow.request else "-", e.message)
-                    if not getattr(e, "_response_started", False):
-                        with contextlib.suppress(Exception):
-                            await client.send(simple_response(e.status, _reason(e.status), f"httpsdump: {e.message}\n"))
+                    await self._failed_exchange(client, flow, e, upstream, t0)
                     return
                 flow.timing.total_ms = (self.clock() - t0) * 1000
                 self.emit(flow)
@@ -379,6 +367,20 @@ class Relay:
         finally:
             if upstream is not None:
                 await upstream.close()
+
+    async def _failed_exchange(self, client, flow: Flow, e: ProxyError, upstream, t0: float) -> None:
+        """The one place an error becomes a response to the client and an error record."""
+        if not flow.timing.start:
+            flow.timing.start = self.wall()
+        flow.error = e.to_record()
+        if upstream is not None and upstream.tls is not None and flow.tls.upstream is None:
+            flow.tls.upstream = upstream.tls
+        flow.timing.total_ms = (self.clock() - t0) * 1000
+        self.emit(flow)
+        log.info("%s %s: %s", flow.client_addr, flow.request.url if flow.request else "-", e.message)
+        if not getattr(e, "_response_started", False):
+            with contextlib.suppress(Exception):
+                await client.send(simple_response(e.status, _reason(e.status), f"httpsdump: {e.message}\n"))
 
     def _request_record(self, head: RequestHead, mode: str, target) -> tuple[Request, tuple]:
         if head.method == "CONNECT":

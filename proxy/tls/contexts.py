@@ -104,4 +104,7 @@ def client_failure(failure: TLSFailure, sni: str | None) -> ClientTLSError:
     if failure.eof:
         return ClientTLSError(f"the client closed the connection during the TLS handshake for {who} "
                               "(does it trust the httpsdump CA?)")
-    return ClientTLSError(f"TLS handshake with the client for {who} failed: {failure.reason}")
+    hint = ""
+    if any(a in failure.reason for a in ("unknown ca", "bad certificate", "certificate unknown")):
+        hint = " (the client does not trust the httpsdump CA: see 'httpsdump ca path' and the README)"
+    return ClientTLSError(f"TLS handshake with the client for {who} failed: {failure.reason}{hint}")
