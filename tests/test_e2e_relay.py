@@ -1,0 +1,199 @@
+"""End to end through the real proxy: upgrades, pipelining, plain HTTP in a tunnel, origins that
+misbehave, and shutdown. Origins here are tiny scripted TLS servers (stdlib ssl) on 127.0.0.1."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import ssl
+import threading
+
+import pytest
+from helpers import open_tunnel, read_response, run_curl, https
+
+
+class ScriptedOrigin:
+    """A TLS server on 127.0.0.1 that runs `script(sock)` for each connection, in a thread."""
+
+    def __init__(self, pki, script, flavour: str = "good"):
+        leaf = pki.leaves[flavour]
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ctx.load_cert_chain(str(leaf.serve), str(leaf.key))
+        self.script = script
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.connections = 0
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                raw, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._one, args=(raw,), daemon=True).start()
+
+    def _one(self, raw) -> None:
+        try:
+            with self.ctx.wrap_socket(raw, server_side=True) as s:
+                s.settimeout(10)
+                self.script(s)
+        except (OSError, ssl.SSLError):
+            pass
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def read_head(s) -> bytes:
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        data = s.recv(4096)
+        if not data:
+            break
+        buf += data
+    return buf
+
+
+@pytest.fixture
+def scripted(pki):
+    made = []
+
+    def make(script, flavour="good"):
+        o = ScriptedOrigin(pki, script, flavour)
+        made.append(o)
+        return o
+
+    yield make
+    for o in made:
+        o.close()
+
+
+def test_websocket_upgrade_becomes_a_raw_two_way_relay(proxy, scripted):
+    def ws(s):
+        head = read_head(s)
+        assert b"Upgrade: websocket" in head
+        s.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nserver-first")
+        while True:
+            data = s.recv(4096)
+            if not data:
+                return
+            s.sendall(data.upper())
+
+    origin = scripted(ws)
+    with proxy.tunnel(f"127.0.0.1:{origin.port}", "good.test") as t:
+        t.sock.sendall(b"GET /chat HTTP/1.1\r\nHost: good.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                       b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        resp = read_response(t.rfile, "GET")
+        assert resp.status == 101
+        got = b""
+        while len(got) < len(b"server-first"):
+            got += t.rfile.read1(100)
+        assert got == b"server-first"
+        for msg in (b"hello", b"x" * 50000):
+            t.sock.sendall(msg)
+            echoed = b""
+            while len(echoed) < len(msg):
+                echoed += t.rfile.read1(65536)
+            assert echoed == msg.upper()
+    flow = proxy.flow()
+    assert flow["response"]["status"] == 101 and flow["upgraded"] == "websocket"
+    assert flow["request"]["url"] == f"https://good.test/chat"
+
+
+def test_pipelined_requests_are_answered_in_order(proxy, origin, token):
+    with proxy.tunnel(f"127.0.0.1:{origin.port}", "good.test") as t:
+        t.sock.sendall(b"".join(
+            f"GET /headers?{token}-{i} HTTP/1.1\r\nHost: good.test\r\nX-Seq: {i}\r\n\r\n".encode() for i in range(5)))
+        for i in range(5):
+            resp = read_response(t.rfile, "GET")
+            assert resp.status == 200 and f"X-Seq: {i}".encode() in resp.body
+    flows = proxy.flows(5)
+    assert [f["request"]["target"] for f in flows] == [f"/headers?{token}-{i}" for i in range(5)]
+
+
+def test_plain_http_inside_a_connect_tunnel(proxy, origins, token):
+    plain = origins["plain"]
+    s = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+    s.sendall(f"CONNECT 127.0.0.1:{plain.port} HTTP/1.1\r\nHost: 127.0.0.1:{plain.port}\r\n\r\n".encode())
+    f = s.makefile("rb")
+    assert read_response(f, "CONNECT").status == 200
+    s.sendall(f"GET /hello?{token} HTTP/1.1\r\nHost: 127.0.0.1:{plain.port}\r\n\r\n".encode())
+    resp = read_response(f, "GET")
+    assert resp.status == 200
+    s.close()
+    flow = proxy.flow()
+    assert flow["mode"] == "tunnel-http" and flow["request"]["url"].startswith("http://127.0.0.1:")
+    assert flow["response"]["status"] == 200 and flow["tls"] is None or flow["tls"].get("upstream") is None
+
+
+def test_origin_dying_mid_body_is_logged_and_the_proxy_keeps_serving(proxy, scripted, origin):
+    def dies(s):
+        read_head(s)
+        s.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b"a" * 1000)
+        s.close()
+
+    bad = scripted(dies)
+    r = run_curl(*https("good.test", bad, "/x"), proxy_url=proxy.url, cacert=proxy.ca_pem)
+    assert r.rc == 18 or r.rc == 56, str(r)  # partial file / receive failure: never a "complete" body
+    flow = proxy.flow()
+    assert flow["error"]["kind"] == "upstream_protocol" and flow["response"]["status"] == 200
+    assert flow["response"]["body"]["size"] == 1000
+    ok = run_curl(*https("good.test", origin, "/hello"), proxy_url=proxy.url, cacert=proxy.ca_pem)
+    assert ok.rc == 0, str(ok)
+
+
+def test_origin_closing_without_response_gives_502(proxy, scripted):
+    def silent(s):
+        read_head(s)
+        s.close()
+
+    bad = scripted(silent)
+    r = run_curl("-w", "%{http_code}", *https("good.test", bad, "/x"), proxy_url=proxy.url, cacert=proxy.ca_pem)
+    assert r.out.endswith(b"502") and b"closed the connection" in r.out, str(r)
+
+
+def test_ambiguous_origin_response_gives_502_and_is_not_relayed(proxy, scripted):
+    def smuggles(s):
+        read_head(s)
+        s.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+
+    bad = scripted(smuggles)
+    r = run_curl("-w", "%{http_code}", *https("good.test", bad, "/x"), proxy_url=proxy.url, cacert=proxy.ca_pem)
+    assert r.out.endswith(b"502") and b"hello" not in r.out, str(r)
+    assert proxy.flow()["error"]["kind"] == "upstream_protocol"
+
+
+def test_sigterm_finishes_the_exchange_in_flight_and_exits_0(start_proxy, scripted):
+    gate = threading.Event()
+
+    def slow(s):
+        read_head(s)
+        s.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nab")
+        gate.wait(10)
+        s.sendall(b"cd")
+
+    origin = scripted(slow)
+    p = start_proxy()
+    result = {}
+    t = threading.Thread(target=lambda: result.update(r=run_curl(*https("good.test", origin, "/x"),
+                                                                 proxy_url=p.url, cacert=p.ca_pem)))
+    t.start()
+    from helpers import poll
+
+    poll(lambda: origin.connections >= 1, what="the origin to see the request")
+    p.proc.send_signal(signal.SIGTERM)
+    gate.set()
+    t.join(20)
+    assert result["r"].rc == 0 and result["r"].out == b"abcd", str(result["r"])
+    assert p.proc.wait(15) == 0
+    p._finished = True  # it exited on purpose: the fixture must not report it as a crash
+    assert "Traceback" not in p.stderr_text()
+    assert len(p.read_flows()) == 1  # the in-flight exchange was logged before exit
+
+
+def test_connect_to_the_proxy_itself_is_refused(proxy):
+    t = open_tunnel(proxy.port, f"127.0.0.1:{proxy.port}", "good.test", proxy.ca_pem)
+    assert t.sock is None and t.connect.status == 400 and b"proxy itself" in t.connect.body
