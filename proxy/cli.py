@@ -17,7 +17,7 @@ import logging
 import signal
 import sys
 
-from .errors import CAError, ConfigError, ProxyError
+from .errors import CAError, ConfigError
 
 __all__ = ["main"]
 
@@ -113,6 +113,7 @@ def _run_proxy(args) -> int:
     config = _load(args)
     logging.basicConfig(level=logging.DEBUG if config.verbosity > 1 else logging.INFO,
                         format="httpsdump: %(message)s", stream=sys.stderr)
+    logging.getLogger("asyncio").setLevel(logging.WARNING)
     from ca.authority import load_or_create
 
     from .server import ProxyServer, is_loopback

@@ -148,6 +148,9 @@ class _Upstream:
             raise err from None
         self.tls_ms = (r.clock() - t1) * 1000
         self._record_cert(side, engine, engine.verify_code)
+        if pol.insecure and engine.verify_code:
+            log.warning("--insecure: %s's certificate failed verification (%s) and is used anyway",
+                        self.tls_name, side.verify_result)
         side.version, side.cipher, side.alpn = engine.version, engine.cipher, engine.alpn
         if not pol.insecure:
             cert = engine.peer_cert()
