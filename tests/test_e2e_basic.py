@@ -175,3 +175,11 @@ def test_curl_ip_url(proxy, origin, token):
     r = proxy.curl(f"https://127.0.0.1:{origin.port}/hello?t={token}")
     assert r.rc == 0 and r.out == HELLO_BODY, str(r)
     assert proxy.flow()["response"]["status"] == 200
+
+
+def test_timings_reflect_a_slow_origin(proxy, origin, token):
+    r = proxy.curl(*https("good.test", origin, f"/slow?ms=400&t={token}"))
+    assert r.rc == 0 and r.out == HELLO_BODY, str(r)
+    t = proxy.flow()["timings"]
+    assert t["first_byte_ms"] >= 400, t  # the origin waited 400 ms before answering
+    assert t["request_sent_ms"] < t["first_byte_ms"] <= t["total_ms"], t
