@@ -31,4 +31,4 @@ EXPOSE 8080
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s \
   CMD python -c "import socket; socket.create_connection(('127.0.0.1', 8080), 3).close()"
 ENTRYPOINT ["httpsdump"]
-CMD ["--listen-host", "0.0.0.0", "--listen-port", "8080"]
+CMD ["--listen-host", "0.0.0.0", "--listen-port", "8080", "--allow-any-client"]

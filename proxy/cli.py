@@ -43,6 +43,13 @@ def _proxy_parser() -> argparse.ArgumentParser:
     p.add_argument("--insecure", action="store_true", default=None,
                    help="DANGEROUS: do not stop on invalid origin certificates (every affected flow is marked)")
     p.add_argument("--log-file", metavar="PATH", help="append every flow as one JSON line to PATH (created 0600)")
+    p.add_argument("--proxy-auth", metavar="USER:PASS",
+                   help="require these Basic proxy credentials from every client (needed to listen beyond loopback)")
+    p.add_argument("--allow-any-client", action="store_true", default=None,
+                   help="DANGEROUS: listen beyond loopback WITHOUT authentication: anyone who can reach the port "
+                        "can use the proxy (clients from public addresses are still refused)")
+    p.add_argument("--redact", action="append", metavar="HEADER",
+                   help="replace this header's value in every log, e.g. --redact authorization --redact cookie")
     v = p.add_mutually_exclusive_group()
     v.add_argument("-q", "--quiet", action="store_true", help="print no flows")
     v.add_argument("-v", "--verbose", action="store_true", help="print headers, bodies and TLS facts")
@@ -83,7 +90,7 @@ def _load(args) -> "Config":
     from .config import load_config
 
     overrides = {"confdir": args.confdir}
-    for key in ("listen_host", "listen_port", "log_file", "insecure"):
+    for key in ("listen_host", "listen_port", "log_file", "insecure", "proxy_auth", "allow_any_client", "redact"):
         overrides[key] = getattr(args, key, None)
     if getattr(args, "quiet", False):
         overrides["verbosity"] = 0

@@ -39,6 +39,12 @@ class Config:
     idle_timeout: float = 120.0
     connect_timeout: float = 10.0
     leaf_cache_size: int = 2048
+    proxy_auth: str | None = None  # "user:password": clients must send Proxy-Authorization (Basic)
+    allow_any_client: bool = False  # listen beyond loopback without proxy_auth (dangerous)
+    allow_public_clients: bool = False  # accept clients from public (global) IP addresses
+    max_connections: int = 1000
+    max_pipelined: int = 32
+    redact: tuple[str, ...] = ()  # header names whose values are replaced in every log
     extra: dict = field(default_factory=dict, compare=False, repr=False)  # never set from TOML
 
     @property
@@ -56,6 +62,18 @@ def _check(key: str, value: Any) -> Any:
     def fail(why: str) -> ConfigError:
         return ConfigError(f"config key '{key}': {why} (got {value!r})")
 
+    if key == "redact":
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v.strip() for v in value):
+            raise fail("must be a list of header names")
+        return tuple(v.strip().lower() for v in value)
+    if key == "proxy_auth":
+        if value is None:
+            return None
+        if not isinstance(value, str) or ":" not in value or not value.split(":", 1)[0]:
+            raise ConfigError(f"config key 'proxy_auth': must be \"user:password\" with a non-empty user")
+        return value
     if key == "upstream_ca":
         if isinstance(value, str):
             value = [value]
@@ -119,4 +137,17 @@ def load_config(path: str | None, overrides: dict[str, Any]) -> Config:
     for key, value in overrides.items():
         if value is not None:
             values[key] = _check(key, value)
-    return Config(**values)
+    config = Config(**values)
+    _check_exposure(config)
+    return config
+
+
+def _check_exposure(c: Config) -> None:
+    """Secure by default: a proxy reachable beyond this machine is an open relay for anyone who finds
+    it, and it holds a CA key that can impersonate every site to this user."""
+    if c.listen_host in ("localhost",) or ipaddress.ip_address(c.listen_host).is_loopback:
+        return
+    if c.proxy_auth is None and not c.allow_any_client:
+        raise ConfigError(
+            f"listening on {c.listen_host} would let anyone who can reach it use the proxy: set --proxy-auth "
+            "user:password, or --allow-any-client if the network is trusted (or listen on 127.0.0.1)")

@@ -18,6 +18,8 @@ __all__ = [
     "RequestLineTooLong",
     "ClientTLSError",
     "ClientTimeout",
+    "ProxyAuthRequired",
+    "TooManyPipelined",
     "UpstreamError",
     "UpstreamConnectError",
     "UpstreamTimeout",
@@ -36,6 +38,7 @@ class ProxyError(Exception):
     status: int = 502
     kind: str = "proxy"
     side: str = "proxy"
+    headers: tuple = ()  # extra response headers the client must get with `status`
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -81,6 +84,19 @@ class ClientTLSError(ClientError):
 class ClientTimeout(ClientError):
     status = 408
     kind = "client_timeout"
+
+
+class ProxyAuthRequired(ClientError):
+    """RFC 9110 §11.7.1: the client must (re)send Proxy-Authorization."""
+
+    status = 407
+    kind = "proxy_auth"
+    headers = ((b"Proxy-Authenticate", b'Basic realm="httpsdump", charset="UTF-8"'),)
+
+
+class TooManyPipelined(ClientError):
+    status = 429
+    kind = "too_many_pipelined"
 
 
 # --- the origin server (or the way to it) failed ------------------------------------------------

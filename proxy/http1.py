@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import httptools
 
-from .errors import BadRequest, HeadersTooLarge, RequestLineTooLong, UpstreamProtocolError
+from .errors import BadRequest, HeadersTooLarge, RequestLineTooLong, TooManyPipelined, UpstreamProtocolError
 
 __all__ = [
     "Limits",
@@ -55,6 +55,7 @@ class Limits:
     max_request_line: int = 8192
     max_head: int = 65536
     max_headers: int = 100
+    max_pipelined: int = 32  # request heads parsed ahead of the one being served
 
 
 @dataclass(slots=True)
@@ -176,7 +177,8 @@ class _Reader:
             cause = e.__cause__ or e.__context__
             if isinstance(cause, _StopParsing):
                 return
-            if isinstance(cause, (BadRequest, HeadersTooLarge, RequestLineTooLong, UpstreamProtocolError)):
+            if isinstance(cause, (BadRequest, HeadersTooLarge, RequestLineTooLong, TooManyPipelined,
+                                  UpstreamProtocolError)):
                 raise cause from None
             raise error_cls(f"cannot parse: {cause or e}") from None
         except httptools.HttpParserError as e:
@@ -200,6 +202,19 @@ class RequestReader(_Reader):
         self.upgraded = False
         self.leftover = b""  # bytes after a CONNECT/Upgrade request: not HTTP any more
         self._pending_head = 0
+        self._heads_queued = 0
+
+    def next_event(self):
+        ev = super().next_event()
+        if isinstance(ev, RequestHead):
+            self._heads_queued -= 1
+        return ev
+
+    def push_back(self, ev) -> None:
+        """Undo next_event() for `ev` (it becomes the next event again)."""
+        if isinstance(ev, RequestHead):
+            self._heads_queued += 1
+        self.events.appendleft(ev)
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -209,6 +224,9 @@ class RequestReader(_Reader):
         except ValueError:
             raise BadRequest("invalid Content-Length") from None
         method = p.get_method().decode("ascii")
+        self._heads_queued += 1
+        if self._heads_queued > self.limits.max_pipelined:
+            raise TooManyPipelined(f"more than {self.limits.max_pipelined} pipelined requests queued")
         self.events.append(
             RequestHead(
                 method=method,

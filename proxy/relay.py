@@ -16,7 +16,10 @@ mapped once, in `_fail`, to the client's response and the flow's error record.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
+import hmac
 import logging
 import socket
 import time
@@ -31,6 +34,7 @@ from .errors import (
     ClientError,
     ClientTimeout,
     ClientTLSError,
+    ProxyAuthRequired,
     ProxyError,
     UpstreamConnectError,
     UpstreamError,
@@ -73,6 +77,25 @@ class RelayPolicy:
     connect_timeout: float = 10.0
     insecure: bool = False
     own_addresses: frozenset = frozenset()  # (host, port) pairs the proxy listens on: never a target
+    proxy_auth: bytes | None = None  # b"user:password" every client must present (Basic)
+
+
+def _check_proxy_auth(head: RequestHead, expected: bytes | None) -> None:
+    """RFC 9110 §11.7.2 / RFC 7617 Basic credentials, compared in constant time."""
+    if expected is None:
+        return
+    for k, v in head.headers:
+        if k.lower() == b"proxy-authorization":
+            scheme, _, cred = v.strip().partition(b" ")
+            if scheme.lower() == b"basic":
+                try:
+                    got = base64.b64decode(cred.strip(), validate=True)
+                except (binascii.Error, ValueError):
+                    break
+                if hmac.compare_digest(got, expected):
+                    return
+            break
+    raise ProxyAuthRequired("proxy authentication required: send the credentials given to --proxy-auth")
 
 
 def _split_host_port(authority: str, default_port: int) -> tuple[str, int]:
@@ -202,6 +225,7 @@ class Relay:
             if head is None:
                 return
             if head.method == "CONNECT":
+                _check_proxy_auth(head, self.policy.proxy_auth)
                 await self._connect(client, rr, head, client_addr)
             elif head.target.startswith("http://"):
                 await self._exchanges(client, rr, client_addr, "http", None, first=head)
@@ -383,7 +407,8 @@ class Relay:
         log.info("%s %s: %s", flow.client_addr, flow.request.url if flow.request else "-", e.message)
         if not getattr(e, "_response_started", False):
             with contextlib.suppress(Exception):
-                await client.send(simple_response(e.status, _reason(e.status), f"httpsdump: {e.message}\n"))
+                await client.send(simple_response(e.status, _reason(e.status), f"httpsdump: {e.message}\n",
+                                                  extra=e.headers))
 
     def _request_record(self, head: RequestHead, mode: str, target) -> tuple[Request, tuple]:
         if head.method == "CONNECT":
@@ -392,6 +417,7 @@ class Relay:
         if mode == "http":
             from urllib.parse import urlsplit
 
+            _check_proxy_auth(head, self.policy.proxy_auth)
             parts = urlsplit(head.target)
             if parts.scheme != "http" or not parts.netloc:
                 raise BadRequest(f"unsupported request target {head.target[:100]!r} (only http:// URLs and CONNECT)")
@@ -481,7 +507,7 @@ class Relay:
                 flow.timing.request_sent_ms = (self.clock() - t0) * 1000
                 return True
             else:  # a pipelined request head: put it back for the exchange loop
-                rr.events.appendleft(ev)
+                rr.push_back(ev)
                 return True
 
     async def _relay_response(self, client, up, head: RequestHead, flow: Flow, t0: float):
@@ -549,7 +575,8 @@ class Relay:
                     await t
 
 
-_REASONS = {400: "Bad Request", 408: "Request Timeout", 414: "URI Too Long", 431: "Request Header Fields Too Large",
+_REASONS = {400: "Bad Request", 403: "Forbidden", 407: "Proxy Authentication Required", 408: "Request Timeout",
+            429: "Too Many Requests", 503: "Service Unavailable", 414: "URI Too Long", 431: "Request Header Fields Too Large",
             500: "Internal Server Error", 502: "Bad Gateway", 504: "Gateway Timeout"}
 
 

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import resource
 import socket
 import time
 from typing import Callable, Sequence
@@ -17,7 +18,7 @@ from ca.store import LeafStore
 
 from .config import Config
 from .flow import Flow
-from .http1 import Limits
+from .http1 import Limits, simple_response
 from .relay import Relay, RelayPolicy
 from .tls.contexts import server_context, upstream_context
 
@@ -48,6 +49,8 @@ class ProxyServer:
         self._tasks: set[asyncio.Task] = set()
         self.port: int | None = None
         self.flows_emitted = 0
+        self._redact = frozenset(n.encode("latin-1") for n in config.redact)
+        _raise_fd_limit()
 
     def _make_leaf_context(self, host: str):
         cert = mint(self._ca, self._leaf_key, host, self._wall(), random_serial())
@@ -55,6 +58,8 @@ class ProxyServer:
 
     def emit(self, flow: Flow) -> None:
         self.flows_emitted += 1
+        if self._redact:
+            _redact(flow, self._redact)
         for sink in self.sinks:
             try:
                 sink.emit(flow)
@@ -64,7 +69,8 @@ class ProxyServer:
     def _policy(self, own: frozenset) -> RelayPolicy:
         c = self.config
         return RelayPolicy(
-            limits=Limits(max_request_line=c.max_request_line, max_head=c.max_header_bytes, max_headers=c.max_headers),
+            limits=Limits(max_request_line=c.max_request_line, max_head=c.max_header_bytes, max_headers=c.max_headers,
+                          max_pipelined=c.max_pipelined),
             body_capture_limit=c.body_capture_limit,
             handshake_timeout=c.handshake_timeout,
             header_timeout=c.header_timeout,
@@ -72,6 +78,7 @@ class ProxyServer:
             connect_timeout=c.connect_timeout,
             insecure=c.insecure,
             own_addresses=own,
+            proxy_auth=c.proxy_auth.encode("utf-8") if c.proxy_auth else None,
         )
 
     async def start(self) -> None:
@@ -88,6 +95,15 @@ class ProxyServer:
                            leaf_contexts=self.leaf_contexts, emit=self.emit)
 
     async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        refusal = self._refuse(writer)
+        if refusal is not None:
+            status, reason, why = refusal
+            log.warning("refused %s: %s", _peer(writer), why)
+            with contextlib.suppress(Exception):
+                writer.write(simple_response(status, reason, f"httpsdump: {why}\n"))
+                await asyncio.wait_for(writer.drain(), 2.0)
+            writer.close()
+            return
         task = asyncio.current_task()
         self._tasks.add(task)
         try:
@@ -96,6 +112,18 @@ class ProxyServer:
             await self.relay.handle(reader, writer)
         finally:
             self._tasks.discard(task)
+
+    def _refuse(self, writer: asyncio.StreamWriter) -> tuple[int, str, str] | None:
+        peer = writer.get_extra_info("peername")
+        if peer and not self.config.allow_public_clients:
+            with contextlib.suppress(ValueError):
+                if ipaddress.ip_address(peer[0].split("%")[0]).is_global:
+                    # Like mitmproxy's block_global: a proxy answering the internet is an open relay.
+                    return 403, "Forbidden", (f"clients from public addresses ({peer[0]}) are refused; "
+                                              "set allow_public_clients = true to allow them")
+        if len(self._tasks) >= self.config.max_connections:
+            return 503, "Service Unavailable", f"too many connections (max_connections = {self.config.max_connections})"
+        return None
 
     @property
     def open_connections(self) -> int:
@@ -117,3 +145,24 @@ class ProxyServer:
         for sink in self.sinks:
             with contextlib.suppress(Exception):
                 sink.close()
+
+
+def _peer(writer: asyncio.StreamWriter) -> str:
+    peer = writer.get_extra_info("peername") or ("?", 0)
+    return f"{peer[0]}:{peer[1]}"
+
+
+def _redact(flow: Flow, names: frozenset) -> None:
+    """--redact: header values replaced in every sink; the traffic itself is untouched."""
+    for msg in (flow.request, flow.response):
+        if msg is not None:
+            msg.headers = [(k, b"[redacted]") if k.lower() in names else (k, v) for k, v in msg.headers]
+            msg.trailers = [(k, b"[redacted]") if k.lower() in names else (k, v) for k, v in msg.trailers]
+
+
+def _raise_fd_limit() -> None:
+    """Each intercepted connection costs two descriptors: use the hard limit, not the 1024 default."""
+    with contextlib.suppress(ValueError, OSError):
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
