@@ -97,19 +97,32 @@ class _StopParsing(Exception):
     pass
 
 
-def _framing(headers: Headers) -> tuple[bool, int | None, bytes | None]:
-    chunked = False
+class _Faulty(ValueError):
+    pass
+
+
+def _framing(headers: Headers, version: str) -> tuple[bool, int | None, bytes | None]:
+    """(chunked, content_length, upgrade) from the head; _Faulty when the framing is ambiguous."""
+    codings: list[bytes] = []
     length = None
     upgrade = None
     for k, v in headers:
         lk = k.lower()
         if lk == b"transfer-encoding":
-            chunked = v.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
+            codings += [c.strip().lower() for c in v.split(b",") if c.strip()]
         elif lk == b"content-length":
             length = int(v)  # llhttp has already rejected anything that is not digits
         elif lk == b"upgrade":
             upgrade = v
-    return chunked, length, upgrade
+    if not codings:
+        return False, length, upgrade
+    if version == "1.0":
+        # RFC 9112 §6.1: Transfer-Encoding in an HTTP/1.0 message MUST be treated as faulty framing.
+        raise _Faulty("Transfer-Encoding in an HTTP/1.0 message")
+    if codings.count(b"chunked") > 1:
+        # RFC 9112 §6.1: a sender MUST NOT apply chunked more than once.
+        raise _Faulty("chunked transfer coding applied more than once")
+    return codings[-1] == b"chunked", length, upgrade
 
 
 class _Reader:
@@ -220,7 +233,9 @@ class RequestReader(_Reader):
         self._in_head = False
         p = self._parser
         try:
-            chunked, length, upgrade = _framing(self._headers)
+            chunked, length, upgrade = _framing(self._headers, p.get_http_version())
+        except _Faulty as e:
+            raise BadRequest(f"ambiguous message framing: {e}") from None
         except ValueError:
             raise BadRequest("invalid Content-Length") from None
         method = p.get_method().decode("ascii")
@@ -283,7 +298,9 @@ class ResponseReader(_Reader):
         p = self._parser
         status = p.get_status_code()
         try:
-            chunked, length, _ = _framing(self._headers)
+            chunked, length, _ = _framing(self._headers, p.get_http_version())
+        except _Faulty as e:
+            raise UpstreamProtocolError(f"the origin's response has ambiguous framing: {e}") from None
         except ValueError:
             raise UpstreamProtocolError("the origin sent an invalid Content-Length") from None
         informational = 100 <= status < 200 and status != 101
