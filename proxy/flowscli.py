@@ -48,7 +48,7 @@ class UsageError(Exception):
 
 
 def parse_status(text: str) -> tuple[tuple[tuple[int, int], ...], bool]:
-    """`404`, `4xx`, `200-299` (or `200..299`), `failed` (no response), comma-separated: any matches.
+    """`404`, `4xx`, `200-299` (or `200..299`), `failed` (flows with an error), comma-separated: any matches.
 
     Returns (ranges, failed). Raises UsageError for anything else.
     """
@@ -117,7 +117,7 @@ def _filter_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", metavar="GLOB", help="host name glob, e.g. '*.example.com' (case-insensitive)")
     p.add_argument("--method", metavar="M", help="request method, e.g. POST")
     p.add_argument("--status", metavar="S",
-                   help="404, 4xx, 200-299 or failed (no response); comma-separated for several")
+                   help="404, 4xx, 200-299 or failed (an error: no response, or one cut short); comma-separated")
     p.add_argument("--since", metavar="WHEN", help="10m, 2h, 1d, 1w ago, or an ISO date/time (local time)")
     p.add_argument("--grep", metavar="TEXT",
                    help="text in the URL, a header, a text body or the error (case-insensitive for ASCII)")

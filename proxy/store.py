@@ -246,8 +246,8 @@ class FlowFilter:
 
     host: a glob (`*`, `?`, `[...]`), matched case-insensitively against the request's host.
     method: an HTTP method, case-insensitively.
-    status: inclusive (low, high) ranges, any of which matches; `failed` also matches flows
-        without a response. With neither, status does not filter.
+    status: inclusive (low, high) ranges, any of which matches; `failed` also matches flows with
+        an error (no response, or a response cut short). With neither, status does not filter.
     since: flows that started at or after this time (seconds since the epoch).
     grep: text that must occur in the URL, a header name or value (request or response, trailers
         too), a decoded text body, or the error message; case-insensitive for ASCII letters.
@@ -332,7 +332,7 @@ class FlowStore:
             for lo, hi in f.status:
                 args += [lo, hi]
             if f.failed:
-                parts.append("status IS NULL")
+                parts.append("status IS NULL OR error_kind IS NOT NULL")
             clauses.append("(" + " OR ".join(parts) + ")")
         if f.since is not None:
             clauses.append("start >= ?")
