@@ -572,7 +572,7 @@ class SqliteSink:
 
     def __init__(self, path: str | os.PathLike, *, max_flows: int = DEFAULT_MAX_FLOWS,
                  max_bytes: int = DEFAULT_MAX_BYTES, batch_size: int = 200, batch_interval: float = 0.05,
-                 queue_flows: int = 10_000, queue_bytes: int = 256 << 20, block_timeout: float = 10.0,
+                 queue_flows: int = 10_000, queue_bytes: int = 128 << 20, block_timeout: float = 10.0,
                  retention_every: int = 500, render: Callable[..., dict] = render_body) -> None:
         if max_flows < 1 or max_bytes < 1 or batch_size < 1 or queue_flows < 1 or queue_bytes < 1:
             raise ConfigError("flow store limits must be positive")
