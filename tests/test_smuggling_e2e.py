@@ -302,6 +302,11 @@ RESPONSES = {
     "obs-fold": (b"HTTP/1.1 200 OK\r\nX-A: a\r\n folded\r\nContent-Length: 13\r\n\r\n" + MARK.encode(), r"header|whitespace|fold"),
     "bare-cr-in-header": (b"HTTP/1.1 200 OK\r\nX-A: a\rb\r\nContent-Length: 13\r\n\r\n" + MARK.encode(), r"header|LF|CR"),
     "space-before-colon": (b"HTTP/1.1 200 OK\r\nContent-Length : 13\r\n\r\n" + MARK.encode(), r"header"),
+    # The proxy's head limits hold for the origin too, and exceeding them is the origin's fault (502, not 431).
+    "over-100-header-fields": (b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(101))
+                               + b"Content-Length: 13\r\n\r\n" + MARK.encode(), r"header"),
+    "header-block-over-64k": (b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-H%d: %s\r\n" % (i, b"v" * 8000) for i in range(9))
+                              + b"Content-Length: 13\r\n\r\n" + MARK.encode(), r"header"),
 }
 
 
