@@ -48,6 +48,15 @@ def _proxy_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-any-client", action="store_true", default=None,
                    help="DANGEROUS: listen beyond loopback WITHOUT authentication: anyone who can reach the port "
                         "can use the proxy (clients from public addresses are still refused)")
+    p.add_argument("--ignore-hosts", action="append", metavar="PATTERN",
+                   help="do not intercept matching hosts: their TLS is tunnelled untouched (glob, e.g. '*.apple.com'; "
+                        "repeatable)")
+    p.add_argument("--allow-hosts", action="append", metavar="PATTERN",
+                   help="intercept only matching hosts; tunnel all others untouched (repeatable)")
+    p.add_argument("--upstream-proxy", metavar="URL",
+                   help="reach every origin through this HTTP proxy with CONNECT: http://[user:pass@]host:port")
+    p.add_argument("--client-cert", action="append", metavar="HOSTPATTERN=FILE",
+                   help="present FILE (PEM certificate + key) to origins matching HOSTPATTERN (repeatable)")
     p.add_argument("--redact", action="append", metavar="HEADER",
                    help="replace this header's value in every log, e.g. --redact authorization --redact cookie")
     v = p.add_mutually_exclusive_group()
@@ -90,7 +99,8 @@ def _load(args) -> "Config":
     from .config import load_config
 
     overrides = {"confdir": args.confdir}
-    for key in ("listen_host", "listen_port", "log_file", "insecure", "proxy_auth", "allow_any_client", "redact"):
+    for key in ("listen_host", "listen_port", "log_file", "insecure", "proxy_auth", "allow_any_client", "redact",
+                "ignore_hosts", "allow_hosts", "upstream_proxy", "client_cert"):
         overrides[key] = getattr(args, key, None)
     if getattr(args, "quiet", False):
         overrides["verbosity"] = 0

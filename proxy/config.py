@@ -45,6 +45,10 @@ class Config:
     max_connections: int = 1000
     max_pipelined: int = 32
     redact: tuple[str, ...] = ()  # header names whose values are replaced in every log
+    ignore_hosts: tuple[str, ...] = ()  # glob patterns: tunnel these untouched (no interception)
+    allow_hosts: tuple[str, ...] = ()  # glob patterns: when set, intercept only these
+    upstream_proxy: str | None = None  # http://[user:pass@]host:port for every origin connection
+    client_cert: tuple[str, ...] = ()  # "HOSTPATTERN=FILE.pem" (certificate + key) for mutual TLS
     extra: dict = field(default_factory=dict, compare=False, repr=False)  # never set from TOML
 
     @property
@@ -62,12 +66,35 @@ def _check(key: str, value: Any) -> Any:
     def fail(why: str) -> ConfigError:
         return ConfigError(f"config key '{key}': {why} (got {value!r})")
 
-    if key == "redact":
+    if key in ("redact", "ignore_hosts", "allow_hosts", "client_cert"):
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v.strip() for v in value):
-            raise fail("must be a list of header names")
+            raise fail("must be a list of strings")
+        if key == "client_cert":
+            for item in value:
+                pattern, sep, path = item.partition("=")
+                if not sep or not pattern.strip() or not path.strip():
+                    raise ConfigError(f"config key 'client_cert': expected HOSTPATTERN=FILE.pem (got {item!r})")
+                if not os.path.isfile(os.path.expanduser(path.strip())):
+                    raise ConfigError(f"config key 'client_cert': file not found: {path.strip()}")
+            return tuple(value)
         return tuple(v.strip().lower() for v in value)
+    if key == "upstream_proxy":
+        if value is None:
+            return None
+        from urllib.parse import urlsplit
+
+        if not isinstance(value, str):
+            raise fail("must be a URL like http://[user:pass@]host:port")
+        parts = urlsplit(value if "://" in value else "http://" + value)
+        try:
+            parts.port
+        except ValueError:
+            raise fail("has an invalid port") from None
+        if parts.scheme != "http" or not parts.hostname:
+            raise fail("must be a URL like http://[user:pass@]host:port")
+        return value
     if key == "proxy_auth":
         if value is None:
             return None
@@ -102,7 +129,7 @@ def _check(key: str, value: Any) -> Any:
             raise fail("must be a positive number of seconds")
         return float(value)
     # strings (some optional)
-    if value is None and key == "log_file":
+    if value is None and key in ("log_file",):
         return None
     if not isinstance(value, str) or not value:
         raise fail("must be a non-empty string")

@@ -146,6 +146,7 @@ class Flow:
     timing: Timing = field(default_factory=Timing)
     error: dict | None = None  # ProxyError.to_record()
     upgraded: str | None = None  # e.g. "websocket" once switched to a raw relay
+    tunnel: dict | None = None  # passthrough: {"host", "port", "bytes_from_client", "bytes_from_server"}
     insecure: bool = False
 
     def __repr__(self) -> str:
@@ -203,5 +204,7 @@ class Flow:
         }
         out["error"] = self.error
         out["upgraded"] = self.upgraded
+        if self.tunnel is not None:
+            out["tunnel"] = self.tunnel
         out["insecure"] = self.insecure
         return out

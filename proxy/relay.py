@@ -21,7 +21,6 @@ import binascii
 import contextlib
 import hmac
 import logging
-import socket
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -29,17 +28,13 @@ from typing import Callable
 from . import clienthello
 from .errors import (
     BadRequest,
-    CertificateError,
-    CertReason,
     ClientError,
     ClientTimeout,
     ClientTLSError,
     ProxyAuthRequired,
     ProxyError,
-    UpstreamConnectError,
     UpstreamError,
     UpstreamProtocolError,
-    UpstreamTimeout,
 )
 from .flow import Flow, Request, Response, TlsSide
 from .http1 import (
@@ -56,9 +51,11 @@ from .http1 import (
     serialize_response_head,
     simple_response,
 )
+from .hostmatch import HostPolicy
 from .streams import PlainStream, TLSStream
-from .tls.contexts import client_failure, upstream_failure
-from .tls.engine import TLSEngine, TLSFailure, cert_info, has_san, is_ip
+from .tls.contexts import client_failure
+from .tls.engine import TLSEngine, TLSFailure
+from .upstream import Upstream, UpstreamProxy, open_tcp
 
 __all__ = ["Relay", "RelayPolicy"]
 
@@ -78,6 +75,8 @@ class RelayPolicy:
     insecure: bool = False
     own_addresses: frozenset = frozenset()  # (host, port) pairs the proxy listens on: never a target
     proxy_auth: bytes | None = None  # b"user:password" every client must present (Basic)
+    upstream_proxy: UpstreamProxy | None = None
+    hosts: HostPolicy = HostPolicy()  # which hosts are intercepted; the others are tunnelled untouched
 
 
 def _check_proxy_auth(head: RequestHead, expected: bytes | None) -> None:
@@ -117,97 +116,13 @@ def _split_host_port(authority: str, default_port: int) -> tuple[str, int]:
     return host.lower().rstrip("."), p
 
 
-class _Upstream:
-    """One connection to an origin, opened on first use."""
-
-    def __init__(self, relay: "Relay", host: str, port: int, tls_name: str | None, sni: bool, flow_start: float):
-        self.relay, self.host, self.port = relay, host, port
-        self.tls_name, self.sni = tls_name, sni
-        self.stream: PlainStream | TLSStream | None = None
-        self.tls: TlsSide | None = None
-        self.connect_ms: float | None = None
-        self.tls_ms: float | None = None
-        self._t0 = flow_start
-
-    async def open(self) -> None:
-        r = self.relay
-        pol = r.policy
-        t0 = r.clock()
-        try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(self.host, self.port, limit=1 << 17), pol.connect_timeout
-            )
-        except asyncio.TimeoutError:
-            raise UpstreamTimeout(f"connecting to {self.host}:{self.port} timed out after {pol.connect_timeout:g} s") from None
-        except socket.gaierror as e:
-            raise UpstreamConnectError(f"cannot resolve {self.host}: {e.strerror}") from None
-        except ConnectionRefusedError:
-            raise UpstreamConnectError(f"connection refused by {self.host}:{self.port}") from None
-        except OSError as e:
-            raise UpstreamConnectError(f"cannot connect to {self.host}:{self.port}: {e.strerror or e}") from None
-        self.connect_ms = (r.clock() - t0) * 1000
-        if self.tls_name is None:
-            self.stream = PlainStream(reader, writer, error=UpstreamProtocolError)
-            return
-        t1 = r.clock()
-        try:
-            engine = TLSEngine(r.upstream_ctx, server_side=False, hostname=self.tls_name, sni=self.sni,
-                               alpn=("http/1.1",))
-        except Exception:
-            writer.close()
-            raise
-        stream = TLSStream(reader, writer, engine, error=UpstreamProtocolError)
-        side = TlsSide(sni=self.tls_name if (self.sni and not is_ip(self.tls_name)) else None, insecure=pol.insecure)
-        self.tls = side
-        try:
-            await asyncio.wait_for(stream.handshake(), pol.handshake_timeout)
-        except asyncio.TimeoutError:
-            await stream.close()
-            raise UpstreamTimeout(f"TLS handshake with {self.tls_name} timed out after {pol.handshake_timeout:g} s") from None
-        except TLSFailure as f:
-            err = upstream_failure(f, self.tls_name, engine.leaf_der)
-            self._record_cert(side, engine, f.verify_code)
-            await stream.close()
-            raise err from None
-        self.tls_ms = (r.clock() - t1) * 1000
-        self._record_cert(side, engine, engine.verify_code)
-        if pol.insecure and engine.verify_code:
-            log.warning("--insecure: %s's certificate failed verification (%s) and is used anyway",
-                        self.tls_name, side.verify_result)
-        side.version, side.cipher, side.alpn = engine.version, engine.cipher, engine.alpn
-        if not pol.insecure:
-            cert = engine.peer_cert()
-            if cert is not None and not has_san(cert):
-                # CA/B Forum BR §7.1.2.7.12 and every browser: names come from subjectAltName only.
-                await stream.close()
-                raise CertificateError(CertReason.NO_SAN, 0, f"the certificate for {self.tls_name} names only "
-                                       f"CN={cert.get_subject().CN}")
-        self.stream = stream
-
-    @staticmethod
-    def _record_cert(side: TlsSide, engine: TLSEngine, code: int) -> None:
-        from M2Crypto import X509
-
-        side.verify_code = code
-        side.verified = code == 0
-        side.verify_result = "ok" if code == 0 else CertReason.from_verify_code(code).value
-        if engine.leaf_der:
-            with contextlib.suppress(Exception):
-                side.cert = cert_info(X509.load_cert_der_string(engine.leaf_der))
-
-    async def close(self) -> None:
-        if self.stream is not None:
-            await self.stream.close()
-            self.stream = None
-
-
 class Relay:
     """Serves one client connection at a time per `handle()` call; shared state is read-only."""
 
-    def __init__(self, policy: RelayPolicy, *, upstream_ctx, leaf_contexts, emit: Callable[[Flow], None],
+    def __init__(self, policy: RelayPolicy, *, upstream_ctx_for, leaf_contexts, emit: Callable[[Flow], None],
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
         self.policy = policy
-        self.upstream_ctx = upstream_ctx
+        self.upstream_ctx_for = upstream_ctx_for  # host -> verifying client SSL.Context
         self.leaf_contexts = leaf_contexts  # host -> server SSL.Context (ca.store.LeafStore)
         self.emit = emit
         self.clock = clock
@@ -316,6 +231,9 @@ class Relay:
             return
         name = hello.sni or host
         ctls = TlsSide(sni=hello.sni, alpn_offer=tuple(hello.alpn))
+        if not self.policy.hosts.intercept(name, port):
+            await self._passthrough(client, buf, host, port, ctls, client_addr)
+            return
         try:
             server_ctx = self.leaf_contexts.get(name)
         except ValueError as e:  # mint refuses names that cannot be a certificate's subject
@@ -323,7 +241,7 @@ class Relay:
         engine = TLSEngine(server_ctx, server_side=True)
         stream = TLSStream(client.reader, client.writer, engine)
         # Connect and verify upstream while the client handshake runs; the request waits for both.
-        upstream = _Upstream(self, host, port, name, True, t0)
+        upstream = self._upstream(host, port, name, True)
         connecting = asyncio.ensure_future(upstream.open())
         try:
             try:
@@ -354,7 +272,7 @@ class Relay:
     # --- HTTP exchanges ------------------------------------------------------------------------
 
     async def _exchanges(self, client, rr: RequestReader, client_addr: str, mode: str, target,
-                         *, first: RequestHead | None = None, upstream: _Upstream | None = None,
+                         *, first: RequestHead | None = None, upstream: Upstream | None = None,
                          connecting: asyncio.Future | None = None, client_tls=None) -> None:
         """Serve requests on one client connection until it or the origin stops keeping it alive."""
         try:
@@ -442,6 +360,10 @@ class Relay:
                 req.host, req.port = _split_host_port(hosthdr.decode("latin-1"), 443 if tls_name else 80)
         return req, target
 
+    def _upstream(self, host: str, port: int, tls_name: str | None, sni: bool) -> Upstream:
+        return Upstream(host, port, tls_name, sni=sni, ctx_for=self.upstream_ctx_for, policy=self.policy,
+                        clock=self.clock)
+
     async def _upstream_for(self, upstream, connecting, dest, t0):
         host, port, tls_name, sni = dest
         if connecting is not None:  # CONNECT: the tunnel's one upstream, opened during the handshake
@@ -456,11 +378,11 @@ class Relay:
             return upstream, None
         if upstream is not None:
             await upstream.close()
-        upstream = _Upstream(self, host, port, tls_name, sni, t0)
+        upstream = self._upstream(host, port, tls_name, sni)
         await upstream.open()
         return upstream, None
 
-    async def _exchange(self, client, rr: RequestReader, head: RequestHead, upstream: _Upstream, flow: Flow, t0: float):
+    async def _exchange(self, client, rr: RequestReader, head: RequestHead, upstream: Upstream, flow: Flow, t0: float):
         """One request/response. Returns True (keep the connection), False (close) or "switched"."""
         up = upstream.stream
         req = flow.request
@@ -578,25 +500,56 @@ class Relay:
                 await client.send(b"".join(out))
                 return "switched" if resp_reader.switched else resp.keep_alive and not resp_reader.unsolicited
 
-    async def _raw_relay(self, client, up) -> None:
-        """After a 101: copy bytes both ways until both sides are done (WebSocket and the like)."""
+    async def _raw_relay(self, client, up) -> tuple[int, int]:
+        """Copy bytes both ways until both sides are done (after a 101, or for a passthrough tunnel).
+        Returns (bytes client→server, bytes server→client)."""
+        counts = [0, 0]
 
-        async def pipe(src, dst):
-            while True:
-                data = await src.recv()
-                if not data:
-                    await dst.send_eof()
-                    return
-                await dst.send(data)
+        async def pipe(src, dst, i):
+            with contextlib.suppress(ProxyError):
+                while True:
+                    data = await src.recv()
+                    if not data:
+                        await dst.send_eof()
+                        return
+                    counts[i] += len(data)
+                    await dst.send(data)
 
-        tasks = [asyncio.ensure_future(pipe(client, up)), asyncio.ensure_future(pipe(up, client))]
+        tasks = [asyncio.ensure_future(pipe(client, up, 0)), asyncio.ensure_future(pipe(up, client, 1))]
         try:
-            await asyncio.wait(tasks, timeout=None, return_when=asyncio.ALL_COMPLETED)
+            await asyncio.wait(tasks, return_when=asyncio.ALL_COMPLETED)
         finally:
             for t in tasks:
                 t.cancel()
                 with contextlib.suppress(BaseException):
                     await t
+        return counts[0], counts[1]
+
+    async def _passthrough(self, client: PlainStream, hello_bytes: bytes, host: str, port: int, ctls: TlsSide,
+                           client_addr: str) -> None:
+        """--ignore-hosts / --allow-hosts: the TLS bytes go through untouched, decided from the SNI."""
+        flow = Flow(client_addr=client_addr, mode="passthrough")
+        flow.timing.start = self.wall()
+        flow.tls.client = ctls
+        t0 = self.clock()
+        try:
+            reader, writer = await open_tcp(host, port, self.policy.connect_timeout, self.policy.upstream_proxy)
+        except ProxyError as e:
+            flow.error = e.to_record()
+            flow.tunnel = {"host": host, "port": port, "bytes_from_client": 0, "bytes_from_server": 0}
+            self.emit(flow)
+            return
+        flow.timing.connect_ms = (self.clock() - t0) * 1000
+        server = PlainStream(reader, writer, error=UpstreamProtocolError)
+        try:
+            await server.send(hello_bytes)
+            up, down = await self._raw_relay(client, server)
+        finally:
+            await server.close()
+        flow.tunnel = {"host": host, "port": port, "bytes_from_client": up + len(hello_bytes),
+                       "bytes_from_server": down}
+        flow.timing.total_ms = (self.clock() - t0) * 1000
+        self.emit(flow)
 
 
 _REASONS = {400: "Bad Request", 403: "Forbidden", 407: "Proxy Authentication Required", 408: "Request Timeout",

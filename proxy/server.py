@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import os
 import resource
 import socket
 import time
@@ -18,9 +19,11 @@ from ca.store import LeafStore
 
 from .config import Config
 from .flow import Flow
+from .hostmatch import HostPatterns, HostPolicy
 from .http1 import Limits, simple_response
 from .relay import Relay, RelayPolicy
 from .tls.contexts import server_context, upstream_context
+from .upstream import UpstreamProxy
 
 __all__ = ["ProxyServer", "is_loopback"]
 
@@ -43,14 +46,28 @@ class ProxyServer:
         self._leaf_key = new_leaf_key()  # one key per run for every minted leaf (design.md)
         self._ca = ca
         self.leaf_contexts = LeafStore(self._make_leaf_context, cap=config.leaf_cache_size)
-        # One shared verifying context: the trust store is loaded once (notes §1.5).
+        # One shared verifying context: the trust store is loaded once (notes §1.5); plus one per
+        # --client-cert file, chosen by host pattern (first match wins).
         self.upstream_ctx = upstream_context(config.upstream_ca, insecure=config.insecure)
+        self._client_cert_ctxs: list[tuple[HostPatterns, object]] = []
+        for item in config.client_cert:
+            pattern, _, path = item.partition("=")
+            ctx = upstream_context(config.upstream_ca, insecure=config.insecure,
+                                   client_cert=os.path.expanduser(path.strip()))
+            self._client_cert_ctxs.append((HostPatterns([pattern]), ctx))
+        self._upstream_proxy = UpstreamProxy.parse(config.upstream_proxy) if config.upstream_proxy else None
         self._server: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task] = set()
         self.port: int | None = None
         self.flows_emitted = 0
         self._redact = frozenset(n.encode("latin-1") for n in config.redact)
         _raise_fd_limit()
+
+    def upstream_ctx_for(self, host: str):
+        for patterns, ctx in self._client_cert_ctxs:
+            if patterns.match(host):
+                return ctx
+        return self.upstream_ctx
 
     def _make_leaf_context(self, host: str):
         cert = mint(self._ca, self._leaf_key, host, self._wall(), random_serial())
@@ -79,6 +96,8 @@ class ProxyServer:
             insecure=c.insecure,
             own_addresses=own,
             proxy_auth=c.proxy_auth.encode("utf-8") if c.proxy_auth else None,
+            upstream_proxy=self._upstream_proxy,
+            hosts=HostPolicy(ignore=HostPatterns(c.ignore_hosts), allow=HostPatterns(c.allow_hosts)),
         )
 
     async def start(self) -> None:
@@ -91,7 +110,7 @@ class ProxyServer:
         if c.listen_host in ("0.0.0.0", "::"):
             with contextlib.suppress(OSError):
                 own |= {(a[4][0], self.port) for a in socket.getaddrinfo(socket.gethostname(), None)}
-        self.relay = Relay(self._policy(frozenset(own)), upstream_ctx=self.upstream_ctx,
+        self.relay = Relay(self._policy(frozenset(own)), upstream_ctx_for=self.upstream_ctx_for,
                            leaf_contexts=self.leaf_contexts, emit=self.emit)
 
     async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

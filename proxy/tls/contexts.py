@@ -37,7 +37,8 @@ def _hardened() -> SSL.Context:
     return ctx
 
 
-def upstream_context(extra_cafiles: tuple[str, ...] = (), *, insecure: bool = False) -> SSL.Context:
+def upstream_context(extra_cafiles: tuple[str, ...] = (), *, insecure: bool = False,
+                     client_cert: str | None = None) -> SSL.Context:
     """Verifying client context: the system trust store plus `extra_cafiles` (never instead of it).
     With `insecure`, verification still runs (its result is logged) but does not stop the
     handshake; the caller must log that choice."""
@@ -53,6 +54,14 @@ def upstream_context(extra_cafiles: tuple[str, ...] = (), *, insecure: bool = Fa
     mode = openssl_ext.SSL_VERIFY_NONE if insecure else openssl_ext.SSL_VERIFY_PEER
     openssl_ext.ctx_set_verify(ctx, mode)
     m2.ssl_ctx_set_session_cache_mode(ctx.ctx, 0)  # no client session cache: each CONNECT verifies
+    if client_cert is not None:
+        if not os.path.isfile(client_cert):
+            raise FileNotFoundError(client_cert)
+        try:
+            # An encrypted key would make M2Crypto prompt on the terminal: answer with no passphrase.
+            ctx.load_cert_chain(client_cert, callback=lambda *a: b"")
+        except SSL.SSLError as e:
+            raise ValueError(f"{client_cert}: not a PEM certificate with its unencrypted private key ({e})") from None
     return ctx
 
 

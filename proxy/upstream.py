@@ -1,0 +1,170 @@
+"""Connections to origins: TCP (directly or through an upstream proxy with CONNECT), then TLS verified
+by M2Crypto. (asyncio shell)
+
+Every way this can fail becomes a typed UpstreamError here (refused, unresolvable, timed out, the
+upstream proxy's refusal, a certificate problem with its OpenSSL verify code, another handshake
+failure), so the relay only maps errors to responses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import socket
+from dataclasses import dataclass
+from typing import Callable
+from urllib.parse import unquote, urlsplit
+
+from M2Crypto import X509
+
+from .errors import CertificateError, CertReason, ConfigError, UpstreamConnectError, UpstreamProtocolError, UpstreamTimeout
+from .flow import TlsSide
+from .streams import PlainStream, TLSStream
+from .tls.contexts import upstream_failure
+from .tls.engine import TLSEngine, TLSFailure, cert_info, has_san, is_ip
+
+__all__ = ["UpstreamProxy", "Upstream", "open_tcp"]
+
+log = logging.getLogger("httpsdump.upstream")
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamProxy:
+    """--upstream-proxy http://[user:pass@]host:port: every origin connection is a CONNECT through it."""
+
+    host: str
+    port: int
+    authorization: bytes | None = None
+
+    @classmethod
+    def parse(cls, url: str) -> "UpstreamProxy":
+        parts = urlsplit(url if "://" in url else "http://" + url)
+        if parts.scheme != "http" or not parts.hostname:
+            raise ConfigError(f"upstream_proxy must look like http://[user:pass@]host:port (got {url!r})")
+        try:
+            port = parts.port or 8080
+        except ValueError:
+            raise ConfigError(f"upstream_proxy has an invalid port (got {url!r})") from None
+        auth = None
+        if parts.username is not None:
+            cred = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode("utf-8")
+            auth = b"Basic " + base64.b64encode(cred)
+        return cls(parts.hostname, port, auth)
+
+
+async def open_tcp(host: str, port: int, timeout: float, via: UpstreamProxy | None = None):
+    """(reader, writer) connected to host:port, through `via` when given. Raises UpstreamError."""
+    where = f"{host}:{port}"
+    target_host, target_port = (via.host, via.port) if via else (host, port)
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(target_host, target_port, limit=1 << 17)
+            with contextlib.suppress(OSError):
+                writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if via is not None:
+                await _connect_through(reader, writer, host, port, via)
+    except TimeoutError:
+        raise UpstreamTimeout(f"connecting to {where} timed out after {timeout:g} s"
+                              + (f" (through the upstream proxy {via.host}:{via.port})" if via else "")) from None
+    except socket.gaierror as e:
+        raise UpstreamConnectError(f"cannot resolve {target_host}: {e.strerror}") from None
+    except ConnectionRefusedError:
+        what = f"the upstream proxy {target_host}:{target_port}" if via else where
+        raise UpstreamConnectError(f"connection refused by {what}") from None
+    except OSError as e:
+        raise UpstreamConnectError(f"cannot connect to {target_host}:{target_port}: {e.strerror or e}") from None
+    return reader, writer
+
+
+async def _connect_through(reader, writer, host: str, port: int, via: UpstreamProxy) -> None:
+    authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    lines = [f"CONNECT {authority} HTTP/1.1", f"Host: {authority}"]
+    if via.authorization:
+        lines.append("Proxy-Authorization: " + via.authorization.decode("ascii"))
+    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+        writer.close()
+        raise UpstreamConnectError(f"the upstream proxy {via.host}:{via.port} closed the connection "
+                                   f"instead of answering CONNECT {authority}") from None
+    status_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+    parts = status_line.split(" ", 2)
+    if len(parts) < 2 or not parts[1].isdigit() or not 200 <= int(parts[1]) < 300:
+        writer.close()
+        raise UpstreamConnectError(f"the upstream proxy {via.host}:{via.port} refused CONNECT {authority}: "
+                                   f"{status_line or 'no status line'}")
+
+
+class Upstream:
+    """One connection to an origin, opened on first use and reused while it stays alive."""
+
+    def __init__(self, host: str, port: int, tls_name: str | None, *, sni: bool, ctx_for: Callable,
+                 policy, clock: Callable[[], float]) -> None:
+        self.host, self.port = host, port
+        self.tls_name, self.sni = tls_name, sni
+        self._ctx_for, self._policy, self._clock = ctx_for, policy, clock
+        self.stream: PlainStream | TLSStream | None = None
+        self.tls: TlsSide | None = None
+        self.connect_ms: float | None = None
+        self.tls_ms: float | None = None
+
+    async def open(self) -> None:
+        pol = self._policy
+        t0 = self._clock()
+        reader, writer = await open_tcp(self.host, self.port, pol.connect_timeout, pol.upstream_proxy)
+        self.connect_ms = (self._clock() - t0) * 1000
+        if self.tls_name is None:
+            self.stream = PlainStream(reader, writer, error=UpstreamProtocolError)
+            return
+        t1 = self._clock()
+        try:
+            engine = TLSEngine(self._ctx_for(self.tls_name), server_side=False, hostname=self.tls_name,
+                               sni=self.sni, alpn=("http/1.1",))
+        except Exception:
+            writer.close()
+            raise
+        stream = TLSStream(reader, writer, engine, error=UpstreamProtocolError)
+        side = TlsSide(sni=self.tls_name if (self.sni and not is_ip(self.tls_name)) else None, insecure=pol.insecure)
+        self.tls = side
+        try:
+            async with asyncio.timeout(pol.handshake_timeout):
+                await stream.handshake()
+        except TimeoutError:
+            await stream.close()
+            raise UpstreamTimeout(f"TLS handshake with {self.tls_name} timed out after {pol.handshake_timeout:g} s") from None
+        except TLSFailure as f:
+            err = upstream_failure(f, self.tls_name, engine.leaf_der)
+            _record_cert(side, engine, f.verify_code)
+            await stream.close()
+            raise err from None
+        self.tls_ms = (self._clock() - t1) * 1000
+        _record_cert(side, engine, engine.verify_code)
+        side.version, side.cipher, side.alpn = engine.version, engine.cipher, engine.alpn
+        if pol.insecure and engine.verify_code:
+            log.warning("--insecure: %s's certificate failed verification (%s) and is used anyway",
+                        self.tls_name, side.verify_result)
+        if not pol.insecure:
+            cert = engine.peer_cert()
+            if cert is not None and not has_san(cert):
+                # CA/B Forum BR §7.1.2.7.12 and every browser: names come from subjectAltName only.
+                await stream.close()
+                raise CertificateError(CertReason.NO_SAN, 0, f"the certificate for {self.tls_name} names only "
+                                       f"CN={cert.get_subject().CN}")
+        self.stream = stream
+
+    async def close(self) -> None:
+        if self.stream is not None:
+            await self.stream.close()
+            self.stream = None
+
+
+def _record_cert(side: TlsSide, engine: TLSEngine, code: int) -> None:
+    side.verify_code = code
+    side.verified = code == 0
+    side.verify_result = "ok" if code == 0 else CertReason.from_verify_code(code).value
+    if engine.leaf_der:
+        with contextlib.suppress(Exception):
+            side.cert = cert_info(X509.load_cert_der_string(engine.leaf_der))
