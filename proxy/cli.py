@@ -3,6 +3,7 @@
     httpsdump [--listen-host H] [--listen-port P] [--confdir D] [--upstream-ca FILE]... [--insecure]
               [--log-file PATH] [--config FILE] [-q | -v]
     httpsdump ca path|show|export [--confdir D] [--format pem|der] [-o FILE]
+    httpsdump flows list|show|export|clear ...   (the flow store; see proxy/flowscli.py)
 
 Exit codes: 0 clean exit (also after SIGINT/SIGTERM), 2 bad usage, config or CA (the message names
 what is wrong and how to fix it), 3 the listen address cannot be used.
@@ -43,6 +44,10 @@ def _proxy_parser() -> argparse.ArgumentParser:
     p.add_argument("--insecure", action="store_true", default=None,
                    help="DANGEROUS: do not stop on invalid origin certificates (every affected flow is marked)")
     p.add_argument("--log-file", metavar="PATH", help="append every flow as one JSON line to PATH (created 0600)")
+    p.add_argument("--store", dest="store_path", metavar="PATH",
+                   help="flow store (SQLite) path; default <confdir>/flows.sqlite3 (see 'httpsdump flows --help')")
+    p.add_argument("--no-store", dest="store", action="store_false", default=None, help="keep no flow store")
+    p.add_argument("--har-file", metavar="PATH", help="also write every flow to this HAR 1.2 file (created 0600)")
     p.add_argument("--proxy-auth", metavar="USER:PASS",
                    help="require these Basic proxy credentials from every client (needed to listen beyond loopback)")
     p.add_argument("--allow-any-client", action="store_true", default=None,
@@ -88,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv[:1] == ["ca"]:
             return _run_ca(_ca_parser().parse_args(argv[1:]))
+        if argv[:1] == ["flows"]:
+            from . import flowscli
+
+            return flowscli.main(argv[1:])
         return _run_proxy(_proxy_parser().parse_args(argv))
     except (ConfigError, CAError) as e:
         return _fail(e.message)
@@ -100,7 +109,7 @@ def _load(args) -> "Config":
 
     overrides = {"confdir": args.confdir}
     for key in ("listen_host", "listen_port", "log_file", "insecure", "proxy_auth", "allow_any_client", "redact",
-                "ignore_hosts", "allow_hosts", "upstream_proxy", "client_cert"):
+                "ignore_hosts", "allow_hosts", "upstream_proxy", "client_cert", "store", "store_path", "har_file"):
         overrides[key] = getattr(args, key, None)
     if getattr(args, "quiet", False):
         overrides["verbosity"] = 0
@@ -141,6 +150,15 @@ def _run_proxy(args) -> int:
     sinks = [ConsoleSink(sys.stdout, config.verbosity)]
     if config.log_file:
         sinks.append(JsonlSink(config.log_file))
+    if config.store:
+        from .store import SqliteSink, default_store_path
+
+        sinks.append(SqliteSink(config.store_path or default_store_path(config.confdir_path),
+                                max_flows=config.store_max_flows, max_bytes=config.store_max_bytes))
+    if config.har_file:
+        from .har import HarFileSink
+
+        sinks.append(HarFileSink(config.har_file))
     try:
         server = ProxyServer(config, ca, sinks)
     except (FileNotFoundError, ValueError) as e:

@@ -49,6 +49,11 @@ class Config:
     allow_hosts: tuple[str, ...] = ()  # glob patterns: when set, intercept only these
     upstream_proxy: str | None = None  # http://[user:pass@]host:port for every origin connection
     client_cert: tuple[str, ...] = ()  # "HOSTPATTERN=FILE.pem" (certificate + key) for mutual TLS
+    store: bool = True  # keep flows in the SQLite store (httpsdump flows ...)
+    store_path: str | None = None  # default <confdir>/flows.sqlite3
+    store_max_flows: int = 100_000
+    store_max_bytes: int = 512 << 20
+    har_file: str | None = None  # also write a HAR 1.2 file, kept valid after every flow
     extra: dict = field(default_factory=dict, compare=False, repr=False)  # never set from TOML
 
     @property
@@ -129,7 +134,7 @@ def _check(key: str, value: Any) -> Any:
             raise fail("must be a positive number of seconds")
         return float(value)
     # strings (some optional)
-    if value is None and key in ("log_file",):
+    if value is None and key in ("log_file", "store_path", "har_file"):
         return None
     if not isinstance(value, str) or not value:
         raise fail("must be a non-empty string")

@@ -147,6 +147,22 @@ class Flow:
     error: dict | None = None  # ProxyError.to_record()
     upgraded: str | None = None  # e.g. "websocket" once switched to a raw relay
     tunnel: dict | None = None  # passthrough: {"host", "port", "bytes_from_client", "bytes_from_server"}
+    _rendered: tuple | None = field(default=None, init=False, repr=False, compare=False)
+
+    def rendered(self) -> tuple[dict, str]:
+        """(record, JSON text) with bodies decoded, computed once and shared by every sink (the JSON
+        Lines log and the flow store write the same text). Call it only once the flow is complete."""
+        if self._rendered is None:
+            import json
+
+            from .decode import render_body
+
+            record = self.to_dict(decode_body=render_body)
+            text = json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+            # A lone surrogate (surrogateescape'd input) becomes the JSON escape "\udcxx": valid UTF-8.
+            text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+            self._rendered = (record, text)
+        return self._rendered
     insecure: bool = False
 
     def __repr__(self) -> str:

@@ -128,6 +128,8 @@ def _framing(headers: Headers, version: str) -> tuple[bool, int | None, bytes | 
 class _Reader:
     """Shared callback plumbing of both readers."""
 
+    _too_large: type = HeadersTooLarge  # the client's fault (431); the origin's is a 502
+
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
         self.events: deque = deque()
@@ -163,9 +165,9 @@ class _Reader:
         self._headers.append((name, value))
         self._head_bytes += len(name) + len(value) + 4
         if len(self._headers) > self.limits.max_headers:
-            raise HeadersTooLarge(f"more than {self.limits.max_headers} header fields")
+            raise self._too_large(f"more than {self.limits.max_headers} header fields")
         if self._head_bytes > self.limits.max_head:
-            raise HeadersTooLarge(f"header block larger than {self.limits.max_head} bytes")
+            raise self._too_large(f"header block larger than {self.limits.max_head} bytes")
 
     def on_body(self, body: bytes) -> None:
         if body:
@@ -276,6 +278,8 @@ class RequestReader(_Reader):
 class ResponseReader(_Reader):
     """The response(s) to ONE request: any 1xx, then the final response."""
 
+    _too_large = UpstreamProtocolError
+
     def __init__(self, request_method: str, limits: Limits = Limits()) -> None:
         super().__init__(limits)
         self._parser = httptools.HttpResponseParser(self)
@@ -346,7 +350,14 @@ class ResponseReader(_Reader):
             self._head_buf += data
             if len(self._head_buf) > self.limits.max_head * 2:
                 raise UpstreamProtocolError(f"the origin's response head is larger than {self.limits.max_head} bytes")
-        self._feed(self._parser, data, UpstreamProtocolError)
+        try:
+            self._feed(self._parser, data, UpstreamProtocolError)
+        except UpstreamProtocolError:
+            if not self.done:
+                raise
+            # llhttp refuses bytes after a message that ends the connection; our exchange is complete
+            # all the same: those bytes are unsolicited, whichever read they arrived in.
+            self.unsolicited = True
         if self.switched:
             end = self._head_buf.find(b"\r\n\r\n")
             self.leftover = bytes(self._head_buf[end + 4 :]) if end >= 0 else b""

@@ -61,6 +61,7 @@ class ProxyServer:
         self.port: int | None = None
         self.flows_emitted = 0
         self._redact = frozenset(n.encode("latin-1") for n in config.redact)
+        self._render = any(type(s).__name__ != "ConsoleSink" for s in self.sinks)
         _raise_fd_limit()
 
     def upstream_ctx_for(self, host: str):
@@ -77,6 +78,11 @@ class ProxyServer:
         self.flows_emitted += 1
         if self._redact:
             _redact(flow, self._redact)
+        if self._render:
+            try:
+                flow.rendered()  # once, here, for every sink that writes the record
+            except Exception:
+                log.exception("cannot render flow %s", flow.id)
         for sink in self.sinks:
             try:
                 sink.emit(flow)

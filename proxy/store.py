@@ -744,8 +744,11 @@ class SqliteSink:
         rows, nbytes = [], 0
         for flow in flows:
             try:
-                record = flow.to_dict(decode_body=self._render)
-                text = record_json(record)
+                if self._render is render_body:
+                    record, text = flow.rendered()  # the same text as the JSON Lines log, rendered once
+                else:
+                    record = flow.to_dict(decode_body=self._render)
+                    text = record_json(record)
                 rows.append((record["id"], *record_columns(record), text))
                 nbytes += len(text)
             except Exception:  # a rendering bug must not cost the other flows their place

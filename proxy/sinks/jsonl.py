@@ -9,13 +9,11 @@ mid-write, the partial line is cut off again.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import stat
 import threading
 
-from ..decode import render_body
 from ..errors import ConfigError
 from ..flow import Flow
 
@@ -51,8 +49,7 @@ class JsonlSink:
 
     def emit(self, flow: Flow) -> None:
         try:
-            record = flow.to_dict(decode_body=render_body)
-            line = json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n"
+            line = flow.rendered()[1] + "\n"  # rendered once for all sinks
         except Exception:  # a rendering bug must not cost the relay a flow; say so loudly
             log.exception("JSONL sink could not render flow %s", getattr(flow, "id", "?"))
             return
