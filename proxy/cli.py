@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 
@@ -48,6 +49,8 @@ def _proxy_parser() -> argparse.ArgumentParser:
                    help="flow store (SQLite) path; default <confdir>/flows.sqlite3 (see 'httpsdump flows --help')")
     p.add_argument("--no-store", dest="store", action="store_false", default=None, help="keep no flow store")
     p.add_argument("--har-file", metavar="PATH", help="also write every flow to this HAR 1.2 file (created 0600)")
+    p.add_argument("--keylog-file", metavar="PATH",
+                   help="append TLS key log lines (NSS format, both sides) for Wireshark; default $SSLKEYLOGFILE")
     p.add_argument("--proxy-auth", metavar="USER:PASS",
                    help="require these Basic proxy credentials from every client (needed to listen beyond loopback)")
     p.add_argument("--allow-any-client", action="store_true", default=None,
@@ -109,7 +112,7 @@ def _load(args) -> "Config":
 
     overrides = {"confdir": args.confdir}
     for key in ("listen_host", "listen_port", "log_file", "insecure", "proxy_auth", "allow_any_client", "redact",
-                "ignore_hosts", "allow_hosts", "upstream_proxy", "client_cert", "store", "store_path", "har_file"):
+                "ignore_hosts", "allow_hosts", "upstream_proxy", "client_cert", "store", "store_path", "har_file", "keylog_file"):
         overrides[key] = getattr(args, key, None)
     if getattr(args, "quiet", False):
         overrides["verbosity"] = 0
@@ -159,8 +162,16 @@ def _run_proxy(args) -> int:
         from .har import HarFileSink
 
         sinks.append(HarFileSink(config.har_file))
+    keylog = None
+    keylog_path = config.keylog_file or os.environ.get("SSLKEYLOGFILE")
+    if keylog_path:
+        from .keylog import KeyLog
+
+        keylog = KeyLog(keylog_path)
+        log.warning("writing TLS session keys to %s: anyone who reads it can decrypt the captured traffic",
+                    keylog.path)
     try:
-        server = ProxyServer(config, ca, sinks)
+        server = ProxyServer(config, ca, sinks, keylog=keylog)
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"cannot load an --upstream-ca file: {e}") from None
     if not is_loopback(config.listen_host):
@@ -186,8 +197,6 @@ async def _serve(server, config) -> int:
         nonlocal signals
         signals += 1
         if signals > 1:  # a second signal: leave at once
-            import os
-
             os._exit(0)
         stop.set()
 

@@ -54,6 +54,7 @@ class Config:
     store_max_flows: int = 100_000
     store_max_bytes: int = 512 << 20
     har_file: str | None = None  # also write a HAR 1.2 file, kept valid after every flow
+    keylog_file: str | None = None  # NSS key log for both TLS sides (default: $SSLKEYLOGFILE)
     extra: dict = field(default_factory=dict, compare=False, repr=False)  # never set from TOML
 
     @property
@@ -134,7 +135,7 @@ def _check(key: str, value: Any) -> Any:
             raise fail("must be a positive number of seconds")
         return float(value)
     # strings (some optional)
-    if value is None and key in ("log_file", "store_path", "har_file"):
+    if value is None and key in ("log_file", "store_path", "har_file", "keylog_file"):
         return None
     if not isinstance(value, str) or not value:
         raise fail("must be a non-empty string")

@@ -39,8 +39,10 @@ def is_loopback(host: str) -> bool:
 
 
 class ProxyServer:
-    def __init__(self, config: Config, ca: CA, sinks: Sequence, *, wall: Callable[[], float] = time.time) -> None:
+    def __init__(self, config: Config, ca: CA, sinks: Sequence, *, wall: Callable[[], float] = time.time,
+                 keylog=None) -> None:
         self.config = config
+        self._keylog = keylog.write if keylog is not None else None
         self.sinks = list(sinks)
         self._wall = wall
         self._leaf_key = new_leaf_key()  # one key per run for every minted leaf (design.md)
@@ -48,12 +50,12 @@ class ProxyServer:
         self.leaf_contexts = LeafStore(self._make_leaf_context, cap=config.leaf_cache_size)
         # One shared verifying context: the trust store is loaded once (notes §1.5); plus one per
         # --client-cert file, chosen by host pattern (first match wins).
-        self.upstream_ctx = upstream_context(config.upstream_ca, insecure=config.insecure)
+        self.upstream_ctx = upstream_context(config.upstream_ca, insecure=config.insecure, keylog=self._keylog)
         self._client_cert_ctxs: list[tuple[HostPatterns, object]] = []
         for item in config.client_cert:
             pattern, _, path = item.partition("=")
             ctx = upstream_context(config.upstream_ca, insecure=config.insecure,
-                                   client_cert=os.path.expanduser(path.strip()))
+                                   client_cert=os.path.expanduser(path.strip()), keylog=self._keylog)
             self._client_cert_ctxs.append((HostPatterns([pattern]), ctx))
         self._upstream_proxy = UpstreamProxy.parse(config.upstream_proxy) if config.upstream_proxy else None
         self._server: asyncio.base_events.Server | None = None
@@ -72,7 +74,7 @@ class ProxyServer:
 
     def _make_leaf_context(self, host: str):
         cert = mint(self._ca, self._leaf_key, host, self._wall(), random_serial())
-        return server_context(cert, self._leaf_key)
+        return server_context(cert, self._leaf_key, keylog=self._keylog)
 
     def emit(self, flow: Flow) -> None:
         self.flows_emitted += 1

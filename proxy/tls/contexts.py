@@ -38,7 +38,7 @@ def _hardened() -> SSL.Context:
 
 
 def upstream_context(extra_cafiles: tuple[str, ...] = (), *, insecure: bool = False,
-                     client_cert: str | None = None) -> SSL.Context:
+                     client_cert: str | None = None, keylog=None) -> SSL.Context:
     """Verifying client context: the system trust store plus `extra_cafiles` (never instead of it).
     With `insecure`, verification still runs (its result is logged) but does not stop the
     handshake; the caller must log that choice."""
@@ -54,6 +54,8 @@ def upstream_context(extra_cafiles: tuple[str, ...] = (), *, insecure: bool = Fa
     mode = openssl_ext.SSL_VERIFY_NONE if insecure else openssl_ext.SSL_VERIFY_PEER
     openssl_ext.ctx_set_verify(ctx, mode)
     m2.ssl_ctx_set_session_cache_mode(ctx.ctx, 0)  # no client session cache: each CONNECT verifies
+    if keylog is not None:
+        openssl_ext.ctx_set_keylog(ctx, keylog)
     if client_cert is not None:
         if not os.path.isfile(client_cert):
             raise FileNotFoundError(client_cert)
@@ -65,7 +67,7 @@ def upstream_context(extra_cafiles: tuple[str, ...] = (), *, insecure: bool = Fa
     return ctx
 
 
-def server_context(cert: X509.X509, key) -> SSL.Context:  # key: EVP.PKey
+def server_context(cert: X509.X509, key, keylog=None) -> SSL.Context:  # key: EVP.PKey
     """Client-facing context serving one minted leaf, loaded from memory (notes §3.1)."""
     ctx = _hardened()
     # Bound wrappers: the SWIG pointers do not keep their owners alive (notes §1.4.8).
@@ -73,6 +75,8 @@ def server_context(cert: X509.X509, key) -> SSL.Context:  # key: EVP.PKey
         raise ValueError("cannot load the minted certificate into a TLS context")
     ctx._httpsdump_leaf = (cert, key)
     openssl_ext.ctx_select_alpn(ctx, _ALPN_SERVER)
+    if keylog is not None:
+        openssl_ext.ctx_set_keylog(ctx, keylog)
     return ctx
 
 
