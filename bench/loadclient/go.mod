@@ -1,0 +1,3 @@
+module httpsdump/bench/loadclient
+
+go 1.19
