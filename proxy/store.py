@@ -643,7 +643,11 @@ class SqliteSink:
                 return
             self._pending.append((flow, cost))
             self._pending_bytes += cost
-            self._cond.notify_all()
+            # Wake the writer only when it has something new to decide: the first flow of a batch, or
+            # a full batch. Waking it for every flow cost more CPU than the inserts (py-spy).
+            n = len(self._pending)
+            if n == 1 or n >= self._batch_size or self._pending_bytes >= self._batch_bytes:
+                self._cond.notify_all()
 
     def close(self, timeout: float | None = None) -> None:
         """Write every queued flow, stop the writer and close the database. Idempotent."""

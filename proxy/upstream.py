@@ -17,13 +17,11 @@ from dataclasses import dataclass
 from typing import Callable
 from urllib.parse import unquote, urlsplit
 
-from M2Crypto import X509
-
 from .errors import CertificateError, CertReason, ConfigError, UpstreamConnectError, UpstreamProtocolError, UpstreamTimeout
 from .flow import TlsSide
 from .streams import PlainStream, TLSStream
 from .tls.contexts import upstream_failure
-from .tls.engine import TLSEngine, TLSFailure, cert_info, has_san, is_ip
+from .tls.engine import TLSEngine, TLSFailure, cert_info_der, is_ip
 
 __all__ = ["UpstreamProxy", "Upstream", "open_tcp"]
 
@@ -146,13 +144,11 @@ class Upstream:
         if pol.insecure and engine.verify_code:
             log.warning("--insecure: %s's certificate failed verification (%s) and is used anyway",
                         self.tls_name, side.verify_result)
-        if not pol.insecure:
-            cert = engine.peer_cert()
-            if cert is not None and not has_san(cert):
-                # CA/B Forum BR §7.1.2.7.12 and every browser: names come from subjectAltName only.
-                await stream.close()
-                raise CertificateError(CertReason.NO_SAN, 0, f"the certificate for {self.tls_name} names only "
-                                       f"CN={cert.get_subject().CN}")
+        if not pol.insecure and side.cert is not None and not side.cert.sans:
+            # CA/B Forum BR §7.1.2.7.12 and every browser: names come from subjectAltName only.
+            await stream.close()
+            raise CertificateError(CertReason.NO_SAN, 0, f"the certificate for {self.tls_name} names only "
+                                   f"{side.cert.subject}")
         self.stream = stream
 
     async def close(self) -> None:
@@ -167,4 +163,4 @@ def _record_cert(side: TlsSide, engine: TLSEngine, code: int) -> None:
     side.verify_result = "ok" if code == 0 else CertReason.from_verify_code(code).value
     if engine.leaf_der:
         with contextlib.suppress(Exception):
-            side.cert = cert_info(X509.load_cert_der_string(engine.leaf_der))
+            side.cert = cert_info_der(engine.leaf_der)

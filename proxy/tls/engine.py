@@ -26,6 +26,7 @@ the X509 verify code; contexts.py/relay turn those into the typed hierarchy of e
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 
@@ -34,7 +35,7 @@ from M2Crypto import SSL, X509, m2
 from ..flow import CertInfo
 from . import openssl_ext
 
-__all__ = ["TLSEngine", "TLSFailure", "cert_info", "is_ip"]
+__all__ = ["TLSEngine", "TLSFailure", "cert_info", "cert_info_der", "has_san", "is_ip"]
 
 _WANT = (m2.ssl_error_want_read, m2.ssl_error_want_write)
 _READ_SIZE = 16384  # one TLS record at most per ssl_read_nbio call (§1.4.10)
@@ -243,6 +244,13 @@ class TLSEngine:
         side = "server" if self.server_side else f"client for {self.hostname}"
         state = "closed" if self._closed else ("up" if self.handshake_done else "handshaking")
         return f"<TLSEngine {side} {state}>"
+
+
+@functools.lru_cache(maxsize=256)
+def cert_info_der(der: bytes) -> CertInfo:
+    """cert_info() of a DER certificate, cached: an origin shows the same certificate on every
+    connection, and parsing it showed in the new-connection profile."""
+    return cert_info(X509.load_cert_der_string(der))
 
 
 def cert_info(cert: X509.X509) -> CertInfo:
