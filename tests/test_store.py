@@ -487,7 +487,8 @@ def test_readers_work_while_the_proxy_writes(tmp_path):
                 with open_store(path) as store:
                     n = store.count()
                     newest = list(store.summaries(FlowFilter(limit=5), newest_first=True))
-                    assert len(newest) == min(store.count(), 5) or len(newest) == 5  # rows only ever arrive
+                    # Rows only ever arrive: a later query sees at least what the count saw.
+                    assert min(n, 5) <= len(newest) <= 5
                     assert n >= last
                     last = n
                     seen.append(n)
