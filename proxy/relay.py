@@ -77,6 +77,7 @@ class RelayPolicy:
     proxy_auth: bytes | None = None  # b"user:password" every client must present (Basic)
     upstream_proxy: UpstreamProxy | None = None
     hosts: HostPolicy = HostPolicy()  # which hosts are intercepted; the others are tunnelled untouched
+    stream_announce: float = 1.0  # a response still streaming this long after its head is announced
 
 
 def _check_proxy_auth(head: RequestHead, expected: bytes | None) -> None:
@@ -120,11 +121,13 @@ class Relay:
     """Serves one client connection at a time per `handle()` call; shared state is read-only."""
 
     def __init__(self, policy: RelayPolicy, *, upstream_ctx_for, leaf_contexts, emit: Callable[[Flow], None],
+                 started: Callable[[Flow], None] | None = None,
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
         self.policy = policy
         self.upstream_ctx_for = upstream_ctx_for  # host -> verifying client SSL.Context
         self.leaf_contexts = leaf_contexts  # host -> server SSL.Context (ca.store.LeafStore)
         self.emit = emit
+        self.started = started  # told about responses that are still streaming (see RelayPolicy)
         self.clock = clock
         self.wall = wall
 
@@ -446,6 +449,14 @@ class Relay:
         """Relay the origin's answer. Output for the client is gathered while parsed events are at hand
         and sent in one write before waiting for more input: a small response is one TLS record and one
         send() instead of three (the syscalls dominated the profile)."""
+        timer: list = []  # the "still streaming" announcement, armed once the final head is relayed
+        try:
+            return await self._relay_response_events(client, up, head, flow, t0, timer)
+        finally:
+            for handle in timer:
+                handle.cancel()
+
+    async def _relay_response_events(self, client, up, head: RequestHead, flow: Flow, t0: float, timer: list):
         cap = self.policy.body_capture_limit
         resp_reader = ResponseReader(head.method, self.policy.limits)
         resp: ResponseHead | None = None
@@ -489,6 +500,9 @@ class Relay:
                     resp = ev
                     flow.response = Response(status=ev.status, reason=ev.reason, http_version=ev.http_version,
                                              headers=ev.headers)
+                    if self.started is not None and self.policy.stream_announce > 0:
+                        timer.append(asyncio.get_running_loop().call_later(
+                            self.policy.stream_announce, self.started, flow))
                 out.append(serialize_response_head(ev.status, ev.reason, ev.http_version, ev.headers))
             elif isinstance(ev, EndOfMessage):
                 flow.response.trailers = ev.trailers

@@ -91,6 +91,16 @@ class ProxyServer:
             except Exception:  # a broken sink must not break the relay; say so loudly
                 log.exception("traffic sink %r failed on flow %s", sink, flow.id)
 
+    def started(self, flow: Flow) -> None:
+        """A response still streaming: sinks that show live progress (the console) hear of it now."""
+        for sink in self.sinks:
+            announce = getattr(sink, "started", None)
+            if announce is not None:
+                try:
+                    announce(flow)
+                except Exception:
+                    log.exception("traffic sink %r failed on a streaming flow %s", sink, flow.id)
+
     def _policy(self, own: frozenset) -> RelayPolicy:
         c = self.config
         return RelayPolicy(
@@ -119,7 +129,7 @@ class ProxyServer:
             with contextlib.suppress(OSError):
                 own |= {(a[4][0], self.port) for a in socket.getaddrinfo(socket.gethostname(), None)}
         self.relay = Relay(self._policy(frozenset(own)), upstream_ctx_for=self.upstream_ctx_for,
-                           leaf_contexts=self.leaf_contexts, emit=self.emit)
+                           leaf_contexts=self.leaf_contexts, emit=self.emit, started=self.started)
 
     async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         refusal = self._refuse(writer)

@@ -197,3 +197,34 @@ def test_sigterm_finishes_the_exchange_in_flight_and_exits_0(start_proxy, script
 def test_connect_to_the_proxy_itself_is_refused(proxy):
     t = open_tunnel(proxy.port, f"127.0.0.1:{proxy.port}", "good.test", proxy.ca_pem)
     assert t.sock is None and t.connect.status == 400 and b"proxy itself" in t.connect.body
+
+
+def test_streaming_response_is_shown_when_it_starts_and_logged_when_it_ends(start_proxy, scripted):
+    gate = threading.Event()
+
+    def sse(s):
+        read_head(s)
+        s.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+                  b"d\r\ndata: hello\n\n\r\n")
+        gate.wait(20)
+        s.sendall(b"d\r\ndata: world\n\n\r\n0\r\n\r\n")
+
+    origin = scripted(sse)
+    p = start_proxy(verbose=False)
+    result = {}
+    t = threading.Thread(target=lambda: result.update(r=run_curl(*https("good.test", origin, "/events"),
+                                                                 proxy_url=p.url, cacert=p.ca_pem)))
+    t.start()
+    from helpers import poll
+
+    try:
+        # Shown on the console while the origin still holds the stream open...
+        poll(lambda: "streaming" in p.stdout_text(), timeout=15, what="the console to show the stream")
+        assert "/events" in p.stdout_text() and "200" in p.stdout_text()
+        assert p.read_flows() == []  # ...but the complete record is written only when it ends
+    finally:
+        gate.set()
+        t.join(30)
+    assert result["r"].out == b"data: hello\n\ndata: world\n\n", str(result["r"])
+    flow = p.flow()
+    assert flow["response"]["body"]["text"] == "data: hello\n\ndata: world\n\n"

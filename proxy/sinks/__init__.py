@@ -24,3 +24,8 @@ class Sink(Protocol):
 
     def close(self) -> None:
         """Flush and release what the sink holds; later `emit` calls are dropped (with a warning)."""
+
+
+# Optional: `started(flow)` — a response that is still streaming a while after its head arrived
+# (server-sent events, long polls, slow downloads). The console shows it at once; `emit` follows
+# with the complete flow when it ends. Sinks without the method are simply not told.

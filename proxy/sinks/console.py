@@ -76,6 +76,18 @@ class ConsoleSink:
     def __repr__(self) -> str:
         return f"<ConsoleSink verbosity={self._verbosity} color={self._color}>"
 
+    def started(self, flow: Flow) -> None:
+        """A response is still streaming (SSE, long poll, slow download): show that it started; the
+        full line follows when it ends."""
+        if self._verbosity <= 0:
+            return
+        try:
+            text = self._summary(flow) + " [streaming…]\n"
+        except Exception:
+            log.exception("console sink could not render flow %s", getattr(flow, "id", "?"))
+            return
+        self._write(text, flow)
+
     def emit(self, flow: Flow) -> None:
         if self._verbosity <= 0:
             return
@@ -84,6 +96,9 @@ class ConsoleSink:
         except Exception:  # a rendering bug must not cost the relay a flow; say so loudly
             log.exception("console sink could not render flow %s", getattr(flow, "id", "?"))
             return
+        self._write(text, flow)
+
+    def _write(self, text: str, flow: Flow) -> None:
         with self._lock:
             if self._closed:
                 log.warning("console sink: flow %s emitted after close; dropped", flow.id)
