@@ -44,13 +44,23 @@ def shared_proxy(pki, tmp_path_factory):
     assert not problems, "\n".join(problems)
 
 
+@pytest.fixture(autouse=True)
+def _stderr_mark(request):
+    """Where the shared proxy's stderr stood when this test began: a traceback is blamed on its test only."""
+    if "shared_proxy" in request.fixturenames:
+        p = request.getfixturevalue("shared_proxy")
+        p.stderr_mark = len(p.stderr_bytes())
+    yield
+
+
 def records_since(proxy: ProxyProc, mark: int, count: int) -> list[dict]:
     return proxy.flows(mark + count)[mark:]
 
 
 def assert_healthy(proxy: ProxyProc) -> None:
     assert proxy.alive(), f"the proxy died\n{proxy.stderr_text()[-4000:]}"
-    assert "Traceback" not in proxy.stderr_text(), f"the proxy printed a traceback\n{proxy.stderr_text()[-6000:]}"
+    new = proxy.stderr_bytes()[getattr(proxy, "stderr_mark", 0):].decode("utf-8", "replace")
+    assert "Traceback" not in new, f"the proxy printed a traceback during this test\n{new[-6000:]}"
 
 
 def still_serves(proxy: ProxyProc, origins) -> None:
@@ -396,4 +406,25 @@ def test_bad_chunk_after_the_head_was_relayed_ends_the_connection_incomplete(sha
     flow = _the_flow(proxy, token)
     assert flow["error"]["kind"] == "upstream_protocol" and re.search("chunk", flow["error"]["message"], re.I), flow
     assert flow["response"]["status"] == 200 and flow["response"]["body"]["size"] == 5, flow["response"]
+    still_serves(proxy, origins)
+
+
+@pytest.mark.parametrize("tls", [True, False], ids=["tls", "plain"])
+def test_interim_response_with_a_body_in_a_later_read_gives_502(shared_proxy, origins, defective, tls):
+    """Found by the http1 fuzzer: a 1xx "with" a chunked body whose end arrives after its head was relayed.
+    A 1xx cannot have content (RFC 9110 §15.2), so what follows its head must be a response: it is not,
+    and the client gets a 502 naming the cause, with an error record; never an internal error."""
+    proxy = shared_proxy
+    defect = Defect(b"HTTP/1.1 150 Odd Interim\r\nTransfer-Encoding: chunked\r\n\r\n",
+                    then=b"0\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 13\r\n\r\n" + MARK.encode())
+    origin = defective(defect, tls)
+    token = uuid.uuid4().hex
+    got = _get_through_proxy(proxy, origin.port, tls, token, wait_for=b"Odd Interim\r\n", then=defect.go.set)
+    assert_healthy(proxy)
+    assert got.startswith(b"HTTP/1.1 150 Odd Interim\r\n"), got[:300]
+    final = got.split(b"\r\n\r\n", 1)[1]
+    assert final.startswith(b"HTTP/1.1 502 ") and b"httpsdump: " in final, got[:600]
+    assert MARK.encode() not in got, got[:600]
+    flow = _the_flow(proxy, token)
+    assert flow["error"] is not None and flow["error"]["kind"] == "upstream_protocol", flow["error"]
     still_serves(proxy, origins)
