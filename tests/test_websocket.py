@@ -541,3 +541,21 @@ def test_summary_of_binary_and_errors():
     assert b.summary() == "<- ws binary 6 B base64:AAECAw==…"
     [e] = obs.feed("server", raw(0x3))
     assert e.summary().startswith("<- ws error: reserved opcode 0x3")
+
+
+@pytest.mark.parametrize("n", [0, 1, 5, 512, 513, 4099])
+def test_unmask_matches_the_rfc_definition(n):
+    from proxy.websocket import _unmask
+
+    data, key = os.urandom(n), b"\x01\x80\xff\x37"
+    for offset in range(5):  # §5.3: octet i of the payload XOR octet (i mod 4) of the key
+        assert _unmask(data, key, offset) == bytes(b ^ key[(i + offset) % 4] for i, b in enumerate(data))
+
+
+def test_long_masked_text_split_anywhere():
+    text = ("ünïcödé text, " * 8000)[:100_000]
+    wire = bytes(peer("client").send_data(text))
+    for cut in (1, 2, 3, 4, 5, 999, 50_001, len(wire) - 1):
+        obs = observer(preview_limit=200_000)
+        got = feed_all(obs, "client", wire[:cut]) + feed_all(obs, "client", wire[cut:])
+        assert [(m["preview"], m["size"]) for m in got] == [(text, len(text.encode()))]
