@@ -20,10 +20,8 @@ import zlib
 import pytest
 from helpers import client_context, poll, read_response
 from test_e2e_relay import ScriptedOrigin, read_head
-
-websockets = pytest.importorskip("websockets")
-from websockets.sync.client import connect  # noqa: E402
-from websockets.sync.server import serve  # noqa: E402
+from websockets.sync.client import connect
+from websockets.sync.server import serve
 
 BIG_TEXT = "websocket frames through an inspecting proxy. " * 2000  # ~94 kB, compresses well
 BINARY = bytes(range(256)) * 4

@@ -21,7 +21,6 @@ from wsproto.frame_protocol import FrameProtocol
 
 from proxy.websocket import DeflateParams, WebSocketObserver, negotiated_extensions
 
-DEFLATE = [(b"Sec-WebSocket-Extensions", b"permessage-deflate")]
 REQUEST = [(b"Upgrade", b"websocket"), (b"Sec-WebSocket-Extensions", b"permessage-deflate; client_max_window_bits")]
 
 
