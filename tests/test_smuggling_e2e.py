@@ -411,18 +411,19 @@ def test_bad_chunk_after_the_head_was_relayed_ends_the_connection_incomplete(sha
 
 @pytest.mark.parametrize("tls", [True, False], ids=["tls", "plain"])
 def test_interim_response_with_a_body_in_a_later_read_gives_502(shared_proxy, origins, defective, tls):
-    """Found by the http1 fuzzer: a 1xx "with" a chunked body whose end arrives after its head was relayed.
-    A 1xx cannot have content (RFC 9110 §15.2), so what follows its head must be a response: it is not,
-    and the client gets a 502 naming the cause, with an error record; never an internal error."""
+    """Found by the http1 fuzzer: a 1xx "with" a chunked body whose end arrives in a later read. A 1xx
+    cannot have content or framing headers (RFC 9110 §15.2, §6.1, §8.6), so the client gets a 502 naming
+    the cause, either at once (the 1xx refused at its head) or after the 1xx was relayed; with an error
+    record; never an internal error, never the final response that follows."""
     proxy = shared_proxy
     defect = Defect(b"HTTP/1.1 150 Odd Interim\r\nTransfer-Encoding: chunked\r\n\r\n",
                     then=b"0\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 13\r\n\r\n" + MARK.encode())
     origin = defective(defect, tls)
     token = uuid.uuid4().hex
-    got = _get_through_proxy(proxy, origin.port, tls, token, wait_for=b"Odd Interim\r\n", then=defect.go.set)
+    # The rest follows only once the client has the relayed 1xx head (if the proxy relays it at all).
+    got = _get_through_proxy(proxy, origin.port, tls, token, wait_for=b"Odd Interim\r\n\r\n", then=defect.go.set)
     assert_healthy(proxy)
-    assert got.startswith(b"HTTP/1.1 150 Odd Interim\r\n"), got[:300]
-    final = got.split(b"\r\n\r\n", 1)[1]
+    final = got.split(b"\r\n\r\n", 1)[1] if got.startswith(b"HTTP/1.1 150 Odd Interim\r\n") else got
     assert final.startswith(b"HTTP/1.1 502 ") and b"httpsdump: " in final, got[:600]
     assert MARK.encode() not in got, got[:600]
     flow = _the_flow(proxy, token)
