@@ -55,6 +55,7 @@ class Config:
     store_max_bytes: int = 512 << 20
     har_file: str | None = None  # also write a HAR 1.2 file, kept valid after every flow
     keylog_file: str | None = None  # NSS key log for both TLS sides (default: $SSLKEYLOGFILE)
+    event_loop: str = "auto"  # "auto" (uvloop when installed), "uvloop" or "asyncio"
     extra: dict = field(default_factory=dict, compare=False, repr=False)  # never set from TOML
 
     @property
@@ -139,6 +140,8 @@ def _check(key: str, value: Any) -> Any:
         return None
     if not isinstance(value, str) or not value:
         raise fail("must be a non-empty string")
+    if key == "event_loop" and value not in ("auto", "uvloop", "asyncio"):
+        raise fail("must be 'auto', 'uvloop' or 'asyncio'")
     if key == "ca_key_type" and value not in ("ec", "rsa"):
         raise fail("must be 'ec' or 'rsa'")
     if key == "listen_host":

@@ -178,6 +178,7 @@ class Flow:
     error: dict | None = None  # ProxyError.to_record()
     upgraded: str | None = None  # e.g. "websocket" once switched to a raw relay
     tunnel: dict | None = None  # passthrough: {"host", "port", "bytes_from_client", "bytes_from_server"}
+    websocket: dict | None = None  # after a WebSocket upgrade: messages both ways (proxy/websocket.py)
     _rendered: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     def rendered(self) -> tuple[dict, str]:
@@ -248,5 +249,7 @@ class Flow:
         out["upgraded"] = self.upgraded
         if self.tunnel is not None:
             out["tunnel"] = self.tunnel
+        if self.websocket is not None:
+            out["websocket"] = self.websocket
         out["insecure"] = self.insecure
         return out

@@ -308,6 +308,10 @@ class ResponseReader(_Reader):
         except ValueError:
             raise UpstreamProtocolError("the origin sent an invalid Content-Length") from None
         informational = 100 <= status < 200 and status != 101
+        if informational and (chunked or any(k.lower() == b"transfer-encoding" for k, _ in self._headers) or length):
+            # RFC 9110 §15.2: a 1xx response ends with its header section; framing headers on it make
+            # the stream ambiguous (llhttp's reading of what follows depends on how the bytes arrive).
+            raise UpstreamProtocolError(f"the origin sent a {status} interim response with a body")
         no_body = self._head_only or status in (101, 204, 304) or informational
         self._close_delimited = not (no_body or chunked or length is not None)
         head = ResponseHead(

@@ -52,10 +52,11 @@ from .http1 import (
     simple_response,
 )
 from .hostmatch import HostPolicy
-from .streams import PlainStream, TLSStream
+from .streams import Conn, PlainStream, TLSStream
 from .tls.contexts import client_failure
 from .tls.engine import TLSEngine, TLSFailure
 from .upstream import Upstream, UpstreamProxy, open_tcp
+from .websocket import WebSocketObserver
 
 __all__ = ["Relay", "RelayPolicy"]
 
@@ -133,10 +134,10 @@ class Relay:
 
     # --- entry ---------------------------------------------------------------------------------
 
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = writer.get_extra_info("peername") or ("?", 0)
+    async def handle(self, conn: Conn) -> None:
+        peer = conn.get_extra_info("peername") or ("?", 0)
         client_addr = f"{peer[0]}:{peer[1]}"
-        client = PlainStream(reader, writer)
+        client = PlainStream(conn)
         rr = RequestReader(self.policy.limits)
         try:
             head = await self._read_head(client, rr, self.policy.header_timeout)
@@ -242,7 +243,7 @@ class Relay:
         except ValueError as e:  # mint refuses names that cannot be a certificate's subject
             raise ClientTLSError(f"cannot mint a certificate for {name!r}: {e}") from None
         engine = TLSEngine(server_ctx, server_side=True)
-        stream = TLSStream(client.reader, client.writer, engine)
+        stream = TLSStream(client.conn, engine)
         # Connect and verify upstream while the client handshake runs; the request waits for both.
         upstream = self._upstream(host, port, name, True)
         connecting = asyncio.ensure_future(upstream.open())
@@ -305,12 +306,10 @@ class Relay:
                     await self._failed_exchange(client, flow, e, upstream, t0)
                     return
                 flow.timing.total_ms = (self.clock() - t0) * 1000
-                self.emit(flow)
-                if keep == "switched":
-                    if rr.leftover:
-                        await upstream.stream.send(rr.leftover)
-                    await self._raw_relay(client, upstream.stream)
+                if isinstance(keep, _Switched):
+                    await self._upgraded(client, upstream.stream, flow, rr.leftover, keep.server_bytes, t0)
                     return
+                self.emit(flow)
                 if not keep:
                     return
         finally:
@@ -386,7 +385,7 @@ class Relay:
         return upstream, None
 
     async def _exchange(self, client, rr: RequestReader, head: RequestHead, upstream: Upstream, flow: Flow, t0: float):
-        """One request/response. Returns True (keep the connection), False (close) or "switched"."""
+        """One request/response. Returns True (keep the connection), False (close) or _Switched."""
         up = upstream.stream
         req = flow.request
         await up.send(serialize_request_head(head.method, req.target, head.http_version, req.headers))
@@ -510,23 +509,48 @@ class Relay:
                     out.append(last_chunk(ev.trailers))
                 if resp_reader.switched:
                     flow.upgraded = next((v.decode("latin-1") for k, v in resp.headers if k.lower() == b"upgrade"), "yes")
-                    out.append(resp_reader.leftover)
+                    out.append(resp_reader.leftover)  # the new protocol's first bytes, unchanged
                 await client.send(b"".join(out))
-                return "switched" if resp_reader.switched else resp.keep_alive and not resp_reader.unsolicited
+                if resp_reader.switched:
+                    return _Switched(resp_reader.leftover)
+                return resp.keep_alive and not resp_reader.unsolicited
 
-    async def _raw_relay(self, client, up) -> tuple[int, int]:
+    async def _upgraded(self, client, up, flow: Flow, client_bytes: bytes, server_bytes: bytes, t0: float) -> None:
+        """After a 101: relay raw bytes both ways; for WebSocket, also parse the frames for the log.
+        The flow is emitted when the connection ends, carrying its messages."""
+        observer = None
+        if (flow.upgraded or "").lower() == "websocket":
+            observer = WebSocketObserver(flow.request.headers, flow.response.headers)
+            observer.feed("server", server_bytes)
+            observer.feed("client", client_bytes)
+        try:
+            if client_bytes:
+                await up.send(client_bytes)
+            await self._raw_relay(client, up, observer)
+        finally:
+            if observer is not None:
+                flow.websocket = observer.to_dict()
+            flow.timing.total_ms = (self.clock() - t0) * 1000
+            self.emit(flow)
+
+    async def _raw_relay(self, client, up, observer=None) -> tuple[int, int]:
         """Copy bytes both ways until both sides are done (after a 101, or for a passthrough tunnel).
         Returns (bytes client→server, bytes server→client)."""
         counts = [0, 0]
 
         async def pipe(src, dst, i):
+            direction = ("client", "server")[i]
             with contextlib.suppress(ProxyError):
                 while True:
                     data = await src.recv()
                     if not data:
+                        if observer is not None:
+                            observer.feed_eof(direction)
                         await dst.send_eof()
                         return
                     counts[i] += len(data)
+                    if observer is not None:
+                        observer.feed(direction, data)  # never raises; the bytes go on unchanged
                     await dst.send(data)
 
         tasks = [asyncio.ensure_future(pipe(client, up, 0)), asyncio.ensure_future(pipe(up, client, 1))]
@@ -547,14 +571,14 @@ class Relay:
         flow.tls.client = ctls
         t0 = self.clock()
         try:
-            reader, writer = await open_tcp(host, port, self.policy.connect_timeout, self.policy.upstream_proxy)
+            conn = await open_tcp(host, port, self.policy.connect_timeout, self.policy.upstream_proxy)
         except ProxyError as e:
             flow.error = e.to_record()
             flow.tunnel = {"host": host, "port": port, "bytes_from_client": 0, "bytes_from_server": 0}
             self.emit(flow)
             return
         flow.timing.connect_ms = (self.clock() - t0) * 1000
-        server = PlainStream(reader, writer, error=UpstreamProtocolError)
+        server = PlainStream(conn, error=UpstreamProtocolError)
         try:
             await server.send(hello_bytes)
             up, down = await self._raw_relay(client, server)
@@ -564,6 +588,13 @@ class Relay:
                        "bytes_from_server": down}
         flow.timing.total_ms = (self.clock() - t0) * 1000
         self.emit(flow)
+
+
+@dataclass(frozen=True, slots=True)
+class _Switched:
+    """The origin answered 101: the connection now speaks another protocol."""
+
+    server_bytes: bytes  # what the origin sent after its 101 head, already relayed to the client
 
 
 _REASONS = {400: "Bad Request", 403: "Forbidden", 407: "Proxy Authentication Required", 408: "Request Timeout",

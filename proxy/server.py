@@ -22,6 +22,7 @@ from .flow import Flow
 from .hostmatch import HostPatterns, HostPolicy
 from .http1 import Limits, simple_response
 from .relay import Relay, RelayPolicy
+from .streams import Conn
 from .tls.contexts import server_context, upstream_context
 from .upstream import UpstreamProxy
 
@@ -120,8 +121,9 @@ class ProxyServer:
 
     async def start(self) -> None:
         c = self.config
-        self._server = await asyncio.start_server(self._on_client, c.listen_host, c.listen_port,
-                                                  limit=1 << 17, reuse_address=True)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: _ClientConn(self._on_client), c.listen_host, c.listen_port,
+                                                reuse_address=True)
         sock = self._server.sockets[0]
         self.port = sock.getsockname()[1]
         own = {(c.listen_host, self.port), ("127.0.0.1", self.port), ("localhost", self.port), ("::1", self.port)}
@@ -131,27 +133,24 @@ class ProxyServer:
         self.relay = Relay(self._policy(frozenset(own)), upstream_ctx_for=self.upstream_ctx_for,
                            leaf_contexts=self.leaf_contexts, emit=self.emit, started=self.started)
 
-    async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        refusal = self._refuse(writer)
+    async def _on_client(self, conn: Conn) -> None:
+        refusal = self._refuse(conn)
         if refusal is not None:
             status, reason, why = refusal
-            log.warning("refused %s: %s", _peer(writer), why)
+            log.warning("refused %s: %s", _peer(conn), why)
             with contextlib.suppress(Exception):
-                writer.write(simple_response(status, reason, f"httpsdump: {why}\n"))
-                await asyncio.wait_for(writer.drain(), 2.0)
-            writer.close()
+                conn.write(simple_response(status, reason, f"httpsdump: {why}\n"))
+            await conn.close()
             return
         task = asyncio.current_task()
         self._tasks.add(task)
         try:
-            with contextlib.suppress(OSError):
-                writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            await self.relay.handle(reader, writer)
+            await self.relay.handle(conn)
         finally:
             self._tasks.discard(task)
 
-    def _refuse(self, writer: asyncio.StreamWriter) -> tuple[int, str, str] | None:
-        peer = writer.get_extra_info("peername")
+    def _refuse(self, conn) -> tuple[int, str, str] | None:
+        peer = conn.get_extra_info("peername")
         if peer and not self.config.allow_public_clients:
             with contextlib.suppress(ValueError):
                 if ipaddress.ip_address(peer[0].split("%")[0]).is_global:
@@ -184,9 +183,22 @@ class ProxyServer:
                 sink.close()
 
 
-def _peer(writer: asyncio.StreamWriter) -> str:
-    peer = writer.get_extra_info("peername") or ("?", 0)
+def _peer(conn) -> str:
+    peer = conn.get_extra_info("peername") or ("?", 0)
     return f"{peer[0]}:{peer[1]}"
+
+
+class _ClientConn(Conn):
+    """A client connection: serving it starts as soon as it is accepted."""
+
+    def __init__(self, serve) -> None:
+        super().__init__()
+        self._serve = serve
+        self.task: asyncio.Task | None = None
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self.task = asyncio.get_running_loop().create_task(self._serve(self))  # referenced until done
 
 
 def _redact(flow: Flow, names: frozenset) -> None:

@@ -19,7 +19,7 @@ from urllib.parse import unquote, urlsplit
 
 from .errors import CertificateError, CertReason, ConfigError, UpstreamConnectError, UpstreamProtocolError, UpstreamTimeout
 from .flow import TlsSide
-from .streams import PlainStream, TLSStream
+from .streams import Conn, PlainStream, TLSStream, open_connection
 from .tls.contexts import upstream_failure
 from .tls.engine import TLSEngine, TLSFailure, cert_info_der, is_ip
 
@@ -52,17 +52,15 @@ class UpstreamProxy:
         return cls(parts.hostname, port, auth)
 
 
-async def open_tcp(host: str, port: int, timeout: float, via: UpstreamProxy | None = None):
-    """(reader, writer) connected to host:port, through `via` when given. Raises UpstreamError."""
+async def open_tcp(host: str, port: int, timeout: float, via: UpstreamProxy | None = None) -> Conn:
+    """A connection to host:port, through `via` when given. Raises UpstreamError."""
     where = f"{host}:{port}"
     target_host, target_port = (via.host, via.port) if via else (host, port)
     try:
         async with asyncio.timeout(timeout):
-            reader, writer = await asyncio.open_connection(target_host, target_port, limit=1 << 17)
-            with contextlib.suppress(OSError):
-                writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn = await open_connection(target_host, target_port)
             if via is not None:
-                await _connect_through(reader, writer, host, port, via)
+                await _connect_through(conn, host, port, via)
     except TimeoutError:
         raise UpstreamTimeout(f"connecting to {where} timed out after {timeout:g} s"
                               + (f" (through the upstream proxy {via.host}:{via.port})" if via else "")) from None
@@ -73,25 +71,30 @@ async def open_tcp(host: str, port: int, timeout: float, via: UpstreamProxy | No
         raise UpstreamConnectError(f"connection refused by {what}") from None
     except OSError as e:
         raise UpstreamConnectError(f"cannot connect to {target_host}:{target_port}: {e.strerror or e}") from None
-    return reader, writer
+    return conn
 
 
-async def _connect_through(reader, writer, host: str, port: int, via: UpstreamProxy) -> None:
+async def _connect_through(conn: Conn, host: str, port: int, via: UpstreamProxy) -> None:
     authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     lines = [f"CONNECT {authority} HTTP/1.1", f"Host: {authority}"]
     if via.authorization:
         lines.append("Proxy-Authorization: " + via.authorization.decode("ascii"))
-    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
-    try:
-        head = await reader.readuntil(b"\r\n\r\n")
-    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-        writer.close()
-        raise UpstreamConnectError(f"the upstream proxy {via.host}:{via.port} closed the connection "
-                                   f"instead of answering CONNECT {authority}") from None
+    conn.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+    # Read exactly the answer's head, byte-exact: what follows belongs to the tunnel. The proxy sends
+    # nothing after its head until we speak (TLS client first), so whole reads never overshoot.
+    head = b""
+    while b"\r\n\r\n" not in head:
+        data = await conn.read()
+        if not data or len(head) > 65536:
+            await conn.close()
+            raise UpstreamConnectError(f"the upstream proxy {via.host}:{via.port} closed the connection "
+                                       f"instead of answering CONNECT {authority}")
+        head += data
+    head, _, extra = head.partition(b"\r\n\r\n")
     status_line = head.split(b"\r\n", 1)[0].decode("latin-1")
     parts = status_line.split(" ", 2)
-    if len(parts) < 2 or not parts[1].isdigit() or not 200 <= int(parts[1]) < 300:
-        writer.close()
+    if extra or len(parts) < 2 or not parts[1].isdigit() or not 200 <= int(parts[1]) < 300:
+        await conn.close()
         raise UpstreamConnectError(f"the upstream proxy {via.host}:{via.port} refused CONNECT {authority}: "
                                    f"{status_line or 'no status line'}")
 
@@ -112,19 +115,19 @@ class Upstream:
     async def open(self) -> None:
         pol = self._policy
         t0 = self._clock()
-        reader, writer = await open_tcp(self.host, self.port, pol.connect_timeout, pol.upstream_proxy)
+        conn = await open_tcp(self.host, self.port, pol.connect_timeout, pol.upstream_proxy)
         self.connect_ms = (self._clock() - t0) * 1000
         if self.tls_name is None:
-            self.stream = PlainStream(reader, writer, error=UpstreamProtocolError)
+            self.stream = PlainStream(conn, error=UpstreamProtocolError)
             return
         t1 = self._clock()
         try:
             engine = TLSEngine(self._ctx_for(self.tls_name), server_side=False, hostname=self.tls_name,
                                sni=self.sni, alpn=("http/1.1",))
         except Exception:
-            writer.close()
+            await conn.close()
             raise
-        stream = TLSStream(reader, writer, engine, error=UpstreamProtocolError)
+        stream = TLSStream(conn, engine, error=UpstreamProtocolError)
         side = TlsSide(sni=self.tls_name if (self.sni and not is_ip(self.tls_name)) else None, insecure=pol.insecure)
         self.tls = side
         try:

@@ -127,6 +127,13 @@ class TLSEngine:
         if not self._closed:
             m2.bio_set_mem_eof_return(self._rb, 0)
 
+    def has_input(self) -> bool:
+        """Ciphertext waiting in the read BIO or plaintext buffered in OpenSSL: read() may return data.
+        False means read() could only say "need more", so the caller waits for the network instead."""
+        if self._closed:
+            return True  # read() then raises, which is what the caller must see
+        return m2.bio_ctrl_pending(self._rb) > 0 or m2.ssl_pending(self._ssl) > 0
+
     def outgoing(self) -> bytes:
         if self._closed:
             return b""
