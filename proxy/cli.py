@@ -3,6 +3,7 @@
     httpsdump [--listen-host H] [--listen-port P] [--confdir D] [--upstream-ca FILE]... [--insecure]
               [--log-file PATH] [--config FILE] [-q | -v]
     httpsdump ca path|show|export [--confdir D] [--format pem|der] [-o FILE]
+    httpsdump ca trust|untrust (--nss [DB] | --system) [--confdir D]
     httpsdump flows list|show|export|clear ...   (the flow store; see proxy/flowscli.py)
 
 Exit codes: 0 clean exit (also after SIGINT/SIGTERM), 2 bad usage, config or CA (the message names
@@ -74,7 +75,7 @@ def _proxy_parser() -> argparse.ArgumentParser:
 
 
 def _ca_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="httpsdump ca", description="Inspect or export the local CA certificate.")
+    p = argparse.ArgumentParser(prog="httpsdump ca", description="Inspect, export, trust or untrust the local CA certificate.")
     sub = p.add_subparsers(dest="action", required=True)
     for name, text in (("path", "print the CA certificate's path"), ("show", "print the CA's subject, validity, fingerprint"),
                        ("export", "write the CA certificate (never the key)")):
@@ -83,6 +84,9 @@ def _ca_parser() -> argparse.ArgumentParser:
         if name == "export":
             sp.add_argument("--format", choices=("pem", "der"), default="pem")
             sp.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of standard output")
+    from ca import trust
+
+    trust.add_parsers(sub, _common)  # trust / untrust --nss [DB] | --system
     return p
 
 
@@ -135,6 +139,10 @@ def _run_ca(args) -> int:
         return commands.cmd_path(confdir, sys.stdout)
     if args.action == "show":
         return commands.cmd_show(confdir, sys.stdout)
+    if args.action in ("trust", "untrust"):
+        from ca import trust
+
+        return trust.run(args, confdir, sys.stdout)
     return commands.cmd_export(confdir, args.format, args.output, sys.stdout.buffer)
 
 

@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from . import clienthello
+from . import clienthello, installpage
 from .errors import (
     BadRequest,
     ClientError,
@@ -123,7 +123,9 @@ class Relay:
 
     def __init__(self, policy: RelayPolicy, *, upstream_ctx_for, leaf_contexts, emit: Callable[[Flow], None],
                  started: Callable[[Flow], None] | None = None,
-                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
+                 ca=None) -> None:
+        self.ca = ca  # the local CA, for the install page at http(s)://httpsdump.invalid/ (installpage.py)
         self.policy = policy
         self.upstream_ctx_for = upstream_ctx_for  # host -> verifying client SSL.Context
         self.leaf_contexts = leaf_contexts  # host -> server SSL.Context (ca.store.LeafStore)
@@ -235,7 +237,8 @@ class Relay:
             return
         name = hello.sni or host
         ctls = TlsSide(sni=hello.sni, alpn_offer=tuple(hello.alpn))
-        if not self.policy.hosts.intercept(name, port):
+        local = self.ca is not None and installpage.is_install_host(host)  # answered here, never forwarded
+        if not local and not self.policy.hosts.intercept(name, port):
             await self._passthrough(client, buf, host, port, ctls, client_addr)
             return
         try:
@@ -245,8 +248,8 @@ class Relay:
         engine = TLSEngine(server_ctx, server_side=True)
         stream = TLSStream(client.conn, engine)
         # Connect and verify upstream while the client handshake runs; the request waits for both.
-        upstream = self._upstream(host, port, name, True)
-        connecting = asyncio.ensure_future(upstream.open())
+        upstream = None if local else self._upstream(host, port, name, True)
+        connecting = None if local else asyncio.ensure_future(upstream.open())
         try:
             try:
                 await asyncio.wait_for(stream.handshake(buf), self.policy.handshake_timeout)
@@ -267,10 +270,11 @@ class Relay:
             self.emit(flow)
             log.info("%s: %s", client_addr, e.message)
         finally:
-            connecting.cancel()
-            with contextlib.suppress(BaseException):
-                await connecting
-            await upstream.close()
+            if connecting is not None:
+                connecting.cancel()
+                with contextlib.suppress(BaseException):
+                    await connecting
+                await upstream.close()
             await stream.close()  # close_notify, then TCP close; frees the engine
 
     # --- HTTP exchanges ------------------------------------------------------------------------
@@ -295,6 +299,13 @@ class Relay:
                     if client_tls is not None:
                         client_tls = (client_tls[0], None)  # the handshake belongs to the first flow only
                     flow.request, dest = self._request_record(head, mode, target)
+                    if self.ca is not None and installpage.is_install_host(dest[0]):
+                        keep = await self._install_page(client, rr, head, flow)
+                        flow.timing.total_ms = (self.clock() - t0) * 1000
+                        self.emit(flow)
+                        if not keep:
+                            return
+                        continue
                     upstream, connecting = await self._upstream_for(upstream, connecting, dest, t0)
                     flow.tls.upstream = upstream.tls
                     flow.insecure = self.policy.insecure and upstream.tls is not None
@@ -361,6 +372,20 @@ class Relay:
             with contextlib.suppress(ProxyError):
                 req.host, req.port = _split_host_port(hosthdr.decode("latin-1"), 443 if tls_name else 80)
         return req, target
+
+    async def _install_page(self, client, rr: RequestReader, head: RequestHead, flow: Flow) -> bool:
+        """Answer a request for httpsdump.invalid with installpage.serve(); returns keep-alive."""
+        has_body = head.chunked or bool(head.content_length)
+        if not has_body and rr.events and isinstance(rr.events[0], EndOfMessage):
+            rr.next_event()
+        close = has_body or not head.keep_alive  # a body is not read: close after answering
+        status, reason, headers, body = installpage.serve(head.target, self.ca, method=head.method)
+        if close:
+            headers = [*headers, (b"Connection", b"close")]
+        await client.send(serialize_response_head(status, reason, "1.1", headers) + body)
+        flow.response = Response(status=status, reason=reason, http_version="1.1", headers=headers)
+        flow.response.body.feed(body, self.policy.body_capture_limit)
+        return not close
 
     def _upstream(self, host: str, port: int, tls_name: str | None, sni: bool) -> Upstream:
         return Upstream(host, port, tls_name, sni=sni, ctx_for=self.upstream_ctx_for, policy=self.policy,

@@ -131,7 +131,8 @@ class ProxyServer:
             with contextlib.suppress(OSError):
                 own |= {(a[4][0], self.port) for a in socket.getaddrinfo(socket.gethostname(), None)}
         self.relay = Relay(self._policy(frozenset(own)), upstream_ctx_for=self.upstream_ctx_for,
-                           leaf_contexts=self.leaf_contexts, emit=self.emit, started=self.started)
+                           leaf_contexts=self.leaf_contexts, emit=self.emit, started=self.started,
+                           ca=self._ca)
 
     async def _on_client(self, conn: Conn) -> None:
         refusal = self._refuse(conn)
