@@ -119,8 +119,7 @@ def _node_har_validator() -> tuple[str, dict] | None:
 
 def test_the_npm_har_validator_accepts_the_export(tmp_path):
     found = _node_har_validator()
-    if found is None:
-        pytest.skip("node with the npm package har-validator is not installed (npm install -g har-validator)")
+    assert found is not None, "node with the npm package har-validator is needed (./dev test installs it)"
     node, env = found
     path = tmp_path / "flows.har"
     write_har(records(all_kinds()), path)
