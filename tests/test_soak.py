@@ -331,6 +331,11 @@ SCENARIOS = {
     "abort_mid_request_body": 5, "abort_mid_response_body": 5, "origin_resets": 6,
 }
 NORMAL = ("https_get", "https_keepalive", "https_post", "forward_get")
+# For diagnosis only, e.g. HTTPSDUMP_SOAK_WEIGHTS="abort_mid_request_body=0,origin_resets=20".
+for _item in filter(None, os.environ.get("HTTPSDUMP_SOAK_WEIGHTS", "").split(",")):
+    _name, _, _weight = _item.partition("=")
+    assert _name in SCENARIOS, f"HTTPSDUMP_SOAK_WEIGHTS: no scenario {_name!r}"
+    SCENARIOS[_name] = int(_weight)
 
 
 def _client_port(rec: dict) -> int:
@@ -476,8 +481,10 @@ def test_soak_thousands_of_connections_with_faults_at_every_stage(start_proxy, o
                            rss_half_load_mib=round((rss_half or 0) / 1024, 1), rss_after_mib=round(rss1 / 1024, 1),
                            rss_peak_mib=round(proxy.vm_hwm_kib() / 1024, 1))
             if fd1 > fd0 + FD_SLACK:
+                names = {good.port: "the good origin", plain.port: "the plain origin",
+                         gated_origin.port: "the gated origin", resetting.port: "the resetting origin"}
                 problems.append(f"open fds did not return to baseline within {SETTLE_DEADLINE}s: {fd0} -> {fd1}: "
-                                f"{_fd_kinds(proxy.pid)}")
+                                f"{_fd_kinds(proxy.pid, proxy.port, names)}")
             if rss1 > rss0 + RSS_BOUND_MB * 1024:
                 problems.append(f"RSS grew by {(rss1 - rss0) / 1024:.1f} MiB (bound {RSS_BOUND_MB} MiB)")
             if rss_half is not None and rss1 > rss_half + RSS_SECOND_HALF_MB * 1024:
@@ -520,13 +527,34 @@ def _settled_fds(pid: int, target: int | None) -> int:
     return fd_count(pid)
 
 
-def _fd_kinds(pid: int) -> dict:
+_TCP_STATES = {"01": "ESTABLISHED", "02": "SYN_SENT", "03": "SYN_RECV", "04": "FIN_WAIT1", "05": "FIN_WAIT2",
+               "06": "TIME_WAIT", "07": "CLOSE", "08": "CLOSE_WAIT", "09": "LAST_ACK", "0A": "LISTEN", "0B": "CLOSING"}
+
+
+def _fd_kinds(pid: int, proxy_port: int, names: dict[int, str]) -> dict:
+    """What the open fds are: files by path, TCP sockets by state and by which peer (a failure message
+    that says "CLOSE_WAIT to the resetting origin: 160" is one a developer can act on)."""
+    tcp = {}
+    for table in ("tcp", "tcp6"):
+        try:
+            lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            local, remote = int(f[1].rsplit(":", 1)[1], 16), int(f[2].rsplit(":", 1)[1], 16)
+            peer = "client" if local == proxy_port else names.get(remote, f"port {remote}")
+            tcp[f[9]] = f"{_TCP_STATES.get(f[3], f[3])} {'from' if peer == 'client' else 'to'} {peer}"
     kinds: collections.Counter = collections.Counter()
     for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
-            kinds[os.readlink(f"/proc/{pid}/fd/{fd}").split(":", 1)[0]] += 1
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
         except OSError:
-            pass
+            continue
+        if target.startswith("socket:["):
+            kinds["socket " + tcp.get(target[8:-1], "(not TCP)")] += 1
+        else:
+            kinds[target.split(":", 1)[0] if ":" in target else Path(target).name] += 1
     return dict(kinds)
 
 
