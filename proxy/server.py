@@ -22,7 +22,7 @@ from .flow import Flow
 from .hostmatch import HostPatterns, HostPolicy
 from .http1 import Limits, simple_response
 from .relay import Relay, RelayPolicy
-from .streams import Conn
+from .streams import Conn, bytes_relayed
 from .tls.contexts import server_context, upstream_context
 from .upstream import UpstreamProxy
 
@@ -60,6 +60,7 @@ class ProxyServer:
             self._client_cert_ctxs.append((HostPatterns([pattern]), ctx))
         self._upstream_proxy = UpstreamProxy.parse(config.upstream_proxy) if config.upstream_proxy else None
         self._server: asyncio.base_events.Server | None = None
+        self._status_task: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
         self.port: int | None = None
         self.flows_emitted = 0
@@ -130,6 +131,9 @@ class ProxyServer:
         if c.listen_host in ("0.0.0.0", "::"):
             with contextlib.suppress(OSError):
                 own |= {(a[4][0], self.port) for a in socket.getaddrinfo(socket.gethostname(), None)}
+        live = [s for s in self.sinks if getattr(s, "live", False)]
+        if live:
+            self._status_task = asyncio.get_running_loop().create_task(self._status_loop(live))
         self.relay = Relay(self._policy(frozenset(own)), upstream_ctx_for=self.upstream_ctx_for,
                            leaf_contexts=self.leaf_contexts, emit=self.emit, started=self.started,
                            ca=self._ca)
@@ -162,12 +166,27 @@ class ProxyServer:
             return 503, "Service Unavailable", f"too many connections (max_connections = {self.config.max_connections})"
         return None
 
+    async def _status_loop(self, sinks, interval: float = 1.0) -> None:
+        """On a terminal: open connections, flows per second and bytes relayed, redrawn in place."""
+        flows, t = self.flows_emitted, time.monotonic()
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            rate = (self.flows_emitted - flows) / (now - t)
+            flows, t = self.flows_emitted, now
+            text = (f"[{self.open_connections} open | {rate:.1f} flows/s | {self.flows_emitted} flows | "
+                    f"{_human_bytes(bytes_relayed())} relayed]")
+            for sink in sinks:
+                sink.status(text)
+
     @property
     def open_connections(self) -> int:
         return len(self._tasks)
 
     async def close(self, grace: float = 5.0) -> None:
         """Stop accepting, give in-flight connections `grace` seconds, then cancel the rest."""
+        if self._status_task is not None:
+            self._status_task.cancel()
         if self._server is not None:
             self._server.close()
         if self._tasks:
@@ -216,3 +235,11 @@ def _raise_fd_limit() -> None:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft < hard:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"

@@ -24,7 +24,14 @@ import socket
 from .errors import ClientError, ProxyError
 from .tls.engine import TLSEngine, TLSFailure
 
-__all__ = ["Conn", "PlainStream", "TLSStream", "open_connection"]
+__all__ = ["Conn", "PlainStream", "TLSStream", "open_connection", "bytes_relayed"]
+
+_SENT = [0]  # plaintext bytes handed to any stream's send(): the live status line's "relayed"
+
+
+def bytes_relayed() -> int:
+    return _SENT[0]
+
 
 _HIGH_WATER = 1 << 18  # pause reading from the socket beyond this many unread bytes
 _LOW_WATER = 1 << 16
@@ -181,6 +188,7 @@ class PlainStream:
     async def send(self, data: bytes) -> None:
         if data:
             self.bytes_out += len(data)
+            _SENT[0] += len(data)
             try:
                 self.conn.write(data)
                 await self.conn.drain()
@@ -262,6 +270,7 @@ class TLSStream:
     async def send(self, data: bytes) -> None:
         if data:
             self.bytes_out += len(data)
+            _SENT[0] += len(data)
             try:
                 self.engine.write(data)
                 self._flush()

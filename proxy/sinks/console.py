@@ -52,6 +52,9 @@ def _media_type(m: Message) -> str:
     return _show(value.split(b";")[0].strip()) if value else ""
 
 
+_CLEAR_LINE = "\r\x1b[2K"  # carriage return, then ECMA-48 "erase entire line"
+
+
 class ConsoleSink:
     """Writes flows to `stream` (usually stdout). verbosity 0: nothing; 1: one line; 2: details.
 
@@ -72,6 +75,11 @@ class ConsoleSink:
         self._color = color
         self._lock = threading.Lock()
         self._closed = False
+        try:
+            self.live = verbosity > 0 and stream.isatty()  # a status line only on a terminal
+        except (AttributeError, ValueError, OSError):
+            self.live = False
+        self._status = ""  # the live status line currently drawn below the flow lines
 
     def __repr__(self) -> str:
         return f"<ConsoleSink verbosity={self._verbosity} color={self._color}>"
@@ -98,11 +106,28 @@ class ConsoleSink:
             return
         self._write(text, flow)
 
+    def status(self, text: str) -> None:
+        """Draw (or replace) the live status line. Flow lines are printed above it, so it never
+        breaks them; it is erased before anything else is written."""
+        if not self.live:
+            return
+        with self._lock:
+            if self._closed:
+                return
+            self._status = printable(text)
+            try:
+                self._stream.write(_CLEAR_LINE + self._status)
+                self._stream.flush()
+            except (OSError, ValueError):
+                self.live = False
+
     def _write(self, text: str, flow: Flow) -> None:
         with self._lock:
             if self._closed:
                 log.warning("console sink: flow %s emitted after close; dropped", flow.id)
                 return
+            if self._status:  # erase the status line, print the flow, draw the status line again
+                text = _CLEAR_LINE + text + self._status
             try:
                 self._stream.write(text)
                 self._stream.flush()
@@ -114,6 +139,9 @@ class ConsoleSink:
         with self._lock:
             self._closed = True
             try:
+                if self._status:
+                    self._stream.write(_CLEAR_LINE)
+                    self._status = ""
                 self._stream.flush()
             except (OSError, ValueError):
                 pass
