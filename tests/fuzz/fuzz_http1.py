@@ -66,7 +66,8 @@ def run(kind: int, limits: Limits, parts: list[bytes]):
         _drain(r, events)
         return events, type(e), (r.done, r.switched)
     _drain(r, events)
-    return events, None, (r.done, r.switched, r.leftover if r.switched else b"")
+    # After a 101 the rest is the new protocol's (leftover); otherwise it is unsolicited, whenever it came.
+    return events, None, (r.done, r.switched, r.leftover if r.switched else r.unsolicited)
 
 
 def TestOneInput(data: bytes) -> None:

@@ -33,6 +33,13 @@ ARTIFACTS = {
     # exchange (done, EndOfMessage, no final response), because it recognised a 1xx by peeking at its
     # event queue, which the consumer had drained meanwhile. In the relay: AttributeError on
     # flow.response (None), a traceback, a 500, and no flow record (test_smuggling_e2e reproduces it).
+    # crash-85543f68 (after the harness also compared `unsolicited`): a HEAD response followed by bytes in
+    # the SAME read: ResponseReader stops at the head and drops them, unsolicited stays False (the relay
+    # would keep reusing a connection whose origin sent a body to HEAD); in a later read they are
+    # unsolicited. Found within ~1,600 inputs.
+    "bytes-after-head-response-in-one-read": (b"\x02\x05\x11\x30\x40HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n"
+                                              b"\r\n200 OK\r\n\xff\xff\xff\xff\xff\xff\xff\x06P/1.1 200 OK\r\n"
+                                              b"Tr\xfdans\nT: v\r\n\r\n"),
     "interim-with-body-across-reads": (b"\x01\x05\x26\x30\x40\n\r\nHTTP/1.1 196 OK\r\nTransfer-Encoding: chunked\r\n"
                                        b"\r\n0\r\nT:1\r\nHot: a\r\nHot: a\r\nTreger:v\r\n\r\n"),
 }
@@ -101,3 +108,13 @@ def test_the_end_of_an_interim_response_is_not_the_end_of_the_exchange(status):
         except UpstreamProtocolError:
             pass  # refusing a 1xx with a body is fine
         assert not r.done and not any(isinstance(ev, EndOfMessage) for ev in events), (parts, events)
+
+
+@pytest.mark.parametrize("after", [b"hello", b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"], ids=["body", "response"])
+def test_bytes_after_a_head_response_are_unsolicited_in_one_read_or_two(after):
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"
+    for parts in ([head + after], [head, after]):
+        r = ResponseReader("HEAD")
+        for p in parts:
+            r.feed(p)
+        assert r.done and r.unsolicited, f"{after!r} after a HEAD response went unnoticed when read as {parts}"
