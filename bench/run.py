@@ -274,8 +274,33 @@ class Tunnel(Target):
         return {}
 
 
-def httpsdump_has_store() -> bool:
-    r = subprocess.run([str(HTTPSDUMP_PY), "-m", "proxy", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+def snapshot_code(ctx, source: str) -> str:
+    """Copy httpsdump's code to bench/.work/code once, so that every run of this invocation runs the
+    same code even while people edit the work tree: `head` = the committed HEAD (git archive),
+    `worktree` = the files as they are now. Returns a description (commit, dirty or not)."""
+    dest = ctx.work / "code"
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    commit = run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"]).stdout.strip()
+    if source == "head":
+        tar = subprocess.run(["git", "-C", str(ROOT), "archive", "HEAD", "proxy", "ca"], check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=tar, check=True)
+        desc = f"{commit} (HEAD, committed code)"
+    else:
+        for pkg in ("proxy", "ca"):
+            shutil.copytree(ROOT / pkg, dest / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+        dirty = run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "proxy", "ca"]).stdout.strip()
+        desc = f"{commit} (work tree{', with uncommitted changes in proxy/ or ca/' if dirty else ', clean'})"
+    where = subprocess.run([str(HTTPSDUMP_PY), "-c", "import proxy, ca; print(proxy.__file__, ca.__file__)"],
+                           cwd=dest, env=ctx.hd_env, capture_output=True, text=True).stdout
+    if str(dest) not in where or where.count(str(dest)) != 2:
+        raise RuntimeError(f"the snapshot in {dest} is not what python imports: {where!r}")
+    return desc
+
+
+def httpsdump_has_store(ctx) -> bool:
+    r = subprocess.run([str(HTTPSDUMP_PY), "-m", "proxy", "--help"], cwd=ctx.code, env=ctx.hd_env,
+                       capture_output=True, text=True, timeout=60)
     return "--no-store" in r.stdout
 
 
@@ -297,7 +322,7 @@ class Httpsdump(Target):
         if ctx.has_store:  # never let the store accumulate in the confdir from run to run
             cmd += ["--store", str(self.tmp / "flows.sqlite3")] if self.store else ["--no-store"]
         self.cmd = cmd
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        self.proc = subprocess.Popen(cmd, cwd=ctx.code, env=ctx.hd_env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=open(self.stderr_path, "w"), preexec_fn=raise_nofile)
         t_end = time.monotonic() + 30
         while True:
@@ -537,10 +562,13 @@ def summarize(runs: list[dict], targets: list[str]) -> dict:
             if not rs:
                 continue
             n_all = len(rs)
+            # A run in which more than 1 % of the requests failed measures a failure, not a speed: it is
+            # left out of the medians (its errors still count in the errors column and in the JSON).
+            bad = [r for r in rs if r.get("errors", 0) > 0.01 * (r.get("ok", 0) + r.get("errors", 0))]
+            good = [r for r in rs if r not in bad]
             # Prefer the runs that other processes of the machine did not disturb (see other_pct).
-            clean = [r for r in rs if (r.get("other_pct") or 0) < CLEAN_PCT]
-            if clean:
-                rs = clean
+            clean = [r for r in good if (r.get("other_pct") or 0) < CLEAN_PCT]
+            rs = clean or good
             n_clean = len(clean)
             keys = ["rate", "p50_ms", "p99_ms", "cpu_us", "proxy_cpu_pct", "client_cpu_pct", "origin_cpu_pct",
                     "cpu0_busy_pct", "other_pct", "hwm_mib", "rss_before_kib", "rss_open_kib", "kib_per_conn", "alive_after"]
@@ -548,9 +576,11 @@ def summarize(runs: list[dict], targets: list[str]) -> dict:
             rows[t]["n"] = len(rs)
             rows[t]["n_all"] = n_all
             rows[t]["n_clean"] = n_clean
-            rows[t]["errors"] = sum(r.get("errors", 0) for r in rs)
-            rows[t]["ok"] = sum(r.get("ok", 0) for r in rs)
-            rows[t]["reconnects"] = sum(r.get("reconnects", 0) for r in rs)
+            every = [r for r in runs if r["workload"] == wl and r["target"] == t and "error" not in r]
+            rows[t]["errors"] = sum(r.get("errors", 0) for r in every)
+            rows[t]["ok"] = sum(r.get("ok", 0) for r in every)
+            rows[t]["reconnects"] = sum(r.get("reconnects", 0) for r in every)
+            rows[t]["bad_runs"] = len(bad)
             rows[t]["failed_runs"] = sum(1 for r in runs if r["workload"] == wl and r["target"] == t and "error" in r)
         if rows:
             summary[wl] = rows
@@ -595,7 +625,7 @@ def render(meta: dict, summary: dict, goals: list[dict], targets: list[str], pre
     L.append(f"Command: `{meta['command']}` ({meta['mode']}, {meta['rounds']} round(s), "
              f"{meta['params']['seconds']} s timed phase per run, targets interleaved each round)\n")
     L.append("## Machine\n")
-    for k in ("nproc", "cpu_model", "kernel", "httpsdump_commit", "loadavg_at_start", "python_httpsdump", "python_mitmproxy", "openssl", "m2crypto_openssl",
+    for k in ("nproc", "cpu_model", "kernel", "httpsdump_code", "loadavg_at_start", "python_httpsdump", "python_mitmproxy", "openssl", "m2crypto_openssl",
               "mitmproxy", "nginx", "go", "pinning"):
         L.append(f"- {k}: {meta['machine'].get(k)}")
     L.append("")
@@ -614,8 +644,9 @@ def render(meta: dict, summary: dict, goals: list[dict], targets: list[str], pre
              "Other load % = CPU time that other processes of the machine took on CPUs 0 and 1 during the "
              "timed phase (user+system+steal time not ours; the rates are only as clean as this column is low; "
              f"CPU µs/unit is less affected). Medians use only the runs with other load < {CLEAN_PCT:.0f} % when there "
-             "is at least one (clean runs = clean/all; 0/N means all N were used).\n")
-    hdr = "| workload | target | rate | vs direct | httpsdump vs this | p50 ms | p99 ms | proxy CPU µs/unit | proxy CPU % | client CPU % | cpu0 busy % | other load % | peak RSS MiB | errors / ok / reconnects | clean runs |"
+             "is at least one (clean runs = clean/all; 0/N means all N were used). Failed runs (the harness could not run "
+             "them, or more than 1 % of their requests failed) are left out of the medians; their errors are counted.\n")
+    hdr = "| workload | target | rate | vs direct | httpsdump vs this | p50 ms | p99 ms | proxy CPU µs/unit | proxy CPU % | client CPU % | cpu0 busy % | other load % | peak RSS MiB | errors / ok / reconnects | clean runs | failed runs |"
     L.append(hdr)
     L.append("|" + "---|" * (hdr.count("|") - 1))
     for wl, rows in summary.items():
@@ -630,7 +661,7 @@ def render(meta: dict, summary: dict, goals: list[dict], targets: list[str], pre
             L.append(f"| {wl} | {t} | {fmt(r['rate'])} | {fmt(ratio(r['rate'], d.get('rate')), 2)} | "
                      f"{fmt(ratio(hd.get('rate'), r['rate']), 2) if t != 'httpsdump' else ''} | {fmt(r['p50_ms'], 2)} | {fmt(r['p99_ms'], 2)} | "
                      f"{fmt(r['cpu_us'])} | {fmt(r['proxy_cpu_pct'])} | {fmt(r['client_cpu_pct'])} | {fmt(r['cpu0_busy_pct'])} | {fmt(r['other_pct'])} | "
-                     f"{fmt(r['hwm_mib'])} | {r['errors']} / {r['ok']} / {r['reconnects']} | {r['n_clean']}/{r['n_all']} |")
+                     f"{fmt(r['hwm_mib'])} | {r['errors']} / {r['ok']} / {r['reconnects']} | {r['n_clean']}/{r['n_all']} | {r['bad_runs'] + r['failed_runs']} |")
     if "idle_500" in summary:
         L.append("\n### Idle intercepted connections (500 held open after one request each)\n")
         L.append("| target | RSS before MiB | RSS with 500 open MiB | KiB per connection | still alive after | errors |")
@@ -675,8 +706,7 @@ def machine_facts(ctx) -> dict:
         "openssl": out(["openssl", "version"]),
         "nginx": out(["nginx", "-v"]),
         "go": out(["go", "version"]),
-        "httpsdump_commit": out(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"]) + (
-            " + uncommitted changes in proxy/ or ca/" if out(["git", "-C", str(ROOT), "status", "--porcelain", "--", "proxy", "ca"]) else ""),
+        "httpsdump_code": ctx.code_desc,
         "loadavg_at_start": open("/proc/loadavg").read().split()[:3],
         "pinning": f"proxy on CPU {PROXY_CPU}; nginx (1 process) and load client (GOMAXPROCS=1) on CPU {ORIGIN_CPU}",
     }
@@ -734,7 +764,9 @@ def profile(ctx, wl_name: str, seconds: float, outdir: Path, stamp: str) -> Path
         for f in set(frames):
             totalc[f] = totalc.get(f, 0) + c
     top = sorted(selfc.items(), key=lambda kv: -kv[1])[:15]
-    txt = [f"# py-spy: httpsdump under {wl_name} ({res['rate']:.0f} req/s under the profiler, "
+    unit = "MB/s" if wl["unit"] == "MB" else "req/s"
+    rate = res["mb_per_s"] if wl["unit"] == "MB" else res["rate"]
+    txt = [f"# py-spy: httpsdump under {wl_name} ({rate:.0f} {unit} under the profiler, "
            f"{res['errors']} errors; {n} samples at 250 Hz of the threads that were running, all threads "
            "together: % = share of those samples)", "", f"Command: `{' '.join(target.cmd[3:])}`", "",
            "| self % | total % | function (file) |", "|---|---|---|"]
@@ -763,9 +795,12 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, help="timed phase per run, seconds")
     ap.add_argument("--targets", default=",".join(ALL_TARGETS), help="comma list of " + ",".join(ALL_TARGETS))
     ap.add_argument("--workloads", default=",".join(WORKLOADS), help="comma list of " + ",".join(WORKLOADS))
-    ap.add_argument("--profile", action="store_true", help="also py-spy profile httpsdump under ka_c50 and newconn_c10")
+    ap.add_argument("--profile", action="store_true", help="also py-spy profile httpsdump under ka_c50, newconn_c10 and big_100MB")
     ap.add_argument("--no-wait-quiet", action="store_true",
                     help="do not wait (up to 20 s per run, 120 s in all; 30 s quick) for other processes to leave CPUs 0-1 idle")
+    ap.add_argument("--code", choices=("head", "worktree"), default="head",
+                    help="which httpsdump code to run, copied once at the start: the committed HEAD (default) "
+                         "or the work tree as it is")
     ap.add_argument("--no-save", action="store_true", help="print only; write nothing under bench/results")
     a = ap.parse_args()
 
@@ -791,7 +826,13 @@ def main() -> int:
             log(f"bench: missing {p}: start the benchmark with bench/run, which installs it")
             return 2
     raise_nofile()
-    ctx.has_store = httpsdump_has_store()
+    ctx.code = WORK / "code"
+    ctx.hd_env = {**os.environ, "PYTHONPATH": str(ctx.code)}
+    ctx.hd_env.pop("PYTHONSAFEPATH", None)
+    WORK.mkdir(parents=True, exist_ok=True)
+    ctx.code_desc = snapshot_code(ctx, a.code)
+    log(f"bench: httpsdump code: {ctx.code_desc}")
+    ctx.has_store = httpsdump_has_store(ctx)
     if not ctx.has_store:
         ctx.targets = [t for t in ctx.targets if t != "httpsdump-nostore"]
     WORK.mkdir(parents=True, exist_ok=True)
@@ -829,7 +870,7 @@ def main() -> int:
         if a.profile:
             outdir = BENCH / "results" if not a.no_save else WORK
             outdir.mkdir(parents=True, exist_ok=True)
-            for wl in ("ka_c50", "newconn_c10"):
+            for wl in ("ka_c50", "newconn_c10", "big_100MB"):
                 profiles.append(str(profile(ctx, wl, 8.0 if not a.quick else 3.0, outdir, stamp)))
     finally:
         ctx.nginx.stop()
