@@ -422,13 +422,21 @@ class Relay:
             if result is True and (not head.keep_alive or rr.upgraded):
                 return False
             return result
+        # The request body and the response run side by side (100-continue, early answers such as 413).
+        # Whichever side fails first ends the exchange: a client that vanishes mid-body must not leave
+        # us waiting for a response the origin will never send.
         body_task = asyncio.ensure_future(self._pump_request_body(client, rr, head, up, flow, t0))
+        resp_task = asyncio.ensure_future(self._relay_response(client, up, head, flow, t0))
         try:
-            result = await self._relay_response(client, up, head, flow, t0)
+            await asyncio.wait((body_task, resp_task), return_when=asyncio.FIRST_COMPLETED)
+            if body_task.done() and body_task.exception() is not None:
+                raise body_task.exception()
+            result = await resp_task
         except BaseException:
-            body_task.cancel()
-            with contextlib.suppress(BaseException):
-                await body_task
+            for task in (body_task, resp_task):
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
             raise
         if not body_task.done():
             # The origin answered before the request body ended (e.g. 413): stop here, close both.

@@ -143,6 +143,11 @@ class Conn(asyncio.Protocol):
     def get_extra_info(self, name: str, default=None):
         return self.transport.get_extra_info(name, default) if self.transport is not None else default
 
+    def abort(self) -> None:
+        """Drop the connection now, without waiting (for error and cancellation paths)."""
+        if self.transport is not None:
+            self.transport.abort()
+
     async def close(self) -> None:
         t = self.transport
         if t is None:
@@ -151,10 +156,16 @@ class Conn(asyncio.Protocol):
             t.close()
         if not self._lost:
             self._drain_waiter = asyncio.get_running_loop().create_future()
-            with contextlib.suppress(Exception):
+            try:
                 async with asyncio.timeout(2.0):
                     await self._drain_waiter  # connection_lost: the kernel has the socket back
-            self._drain_waiter = None
+            except TimeoutError:
+                t.abort()
+            except BaseException:
+                t.abort()  # cancelled while closing: never leave the socket behind
+                raise
+            finally:
+                self._drain_waiter = None
 
 
 async def open_connection(host: str, port: int) -> Conn:

@@ -56,22 +56,27 @@ async def open_tcp(host: str, port: int, timeout: float, via: UpstreamProxy | No
     """A connection to host:port, through `via` when given. Raises UpstreamError."""
     where = f"{host}:{port}"
     target_host, target_port = (via.host, via.port) if via else (host, port)
+    conn = None
     try:
         async with asyncio.timeout(timeout):
             conn = await open_connection(target_host, target_port)
             if via is not None:
                 await _connect_through(conn, host, port, via)
-    except TimeoutError:
-        raise UpstreamTimeout(f"connecting to {where} timed out after {timeout:g} s"
-                              + (f" (through the upstream proxy {via.host}:{via.port})" if via else "")) from None
-    except socket.gaierror as e:
-        raise UpstreamConnectError(f"cannot resolve {target_host}: {e.strerror}") from None
-    except ConnectionRefusedError:
-        what = f"the upstream proxy {target_host}:{target_port}" if via else where
-        raise UpstreamConnectError(f"connection refused by {what}") from None
-    except OSError as e:
-        raise UpstreamConnectError(f"cannot connect to {target_host}:{target_port}: {e.strerror or e}") from None
-    return conn
+        return conn
+    except BaseException as e:
+        if conn is not None:
+            conn.abort()  # timed out, refused or cancelled half-way: the socket must not outlive this call
+        if isinstance(e, TimeoutError):
+            raise UpstreamTimeout(f"connecting to {where} timed out after {timeout:g} s"
+                                  + (f" (through the upstream proxy {via.host}:{via.port})" if via else "")) from None
+        if isinstance(e, socket.gaierror):
+            raise UpstreamConnectError(f"cannot resolve {target_host}: {e.strerror}") from None
+        if isinstance(e, ConnectionRefusedError):
+            what = f"the upstream proxy {target_host}:{target_port}" if via else where
+            raise UpstreamConnectError(f"connection refused by {what}") from None
+        if isinstance(e, OSError):
+            raise UpstreamConnectError(f"cannot connect to {target_host}:{target_port}: {e.strerror or e}") from None
+        raise
 
 
 async def _connect_through(conn: Conn, host: str, port: int, via: UpstreamProxy) -> None:
@@ -120,13 +125,19 @@ class Upstream:
         if self.tls_name is None:
             self.stream = PlainStream(conn, error=UpstreamProtocolError)
             return
-        t1 = self._clock()
         try:
-            engine = TLSEngine(self._ctx_for(self.tls_name), server_side=False, hostname=self.tls_name,
-                               sni=self.sni, alpn=("http/1.1",))
-        except Exception:
-            await conn.close()
+            await self._tls(conn)
+        except BaseException:
+            # Failed, or cancelled (the client gave up during its own handshake): nothing may keep the
+            # origin's socket open, and no one else holds it yet.
+            conn.abort()
             raise
+
+    async def _tls(self, conn: Conn) -> None:
+        pol = self._policy
+        t1 = self._clock()
+        engine = TLSEngine(self._ctx_for(self.tls_name), server_side=False, hostname=self.tls_name,
+                           sni=self.sni, alpn=("http/1.1",))
         stream = TLSStream(conn, engine, error=UpstreamProtocolError)
         side = TlsSide(sni=self.tls_name if (self.sni and not is_ip(self.tls_name)) else None, insecure=pol.insecure)
         self.tls = side
@@ -134,12 +145,12 @@ class Upstream:
             async with asyncio.timeout(pol.handshake_timeout):
                 await stream.handshake()
         except TimeoutError:
-            await stream.close()
+            engine.free()
             raise UpstreamTimeout(f"TLS handshake with {self.tls_name} timed out after {pol.handshake_timeout:g} s") from None
         except TLSFailure as f:
             err = upstream_failure(f, self.tls_name, engine.leaf_der)
             _record_cert(side, engine, f.verify_code)
-            await stream.close()
+            engine.free()
             raise err from None
         self.tls_ms = (self._clock() - t1) * 1000
         _record_cert(side, engine, engine.verify_code)
@@ -149,7 +160,7 @@ class Upstream:
                         self.tls_name, side.verify_result)
         if not pol.insecure and side.cert is not None and not side.cert.sans:
             # CA/B Forum BR §7.1.2.7.12 and every browser: names come from subjectAltName only.
-            await stream.close()
+            engine.free()
             raise CertificateError(CertReason.NO_SAN, 0, f"the certificate for {self.tls_name} names only "
                                    f"{side.cert.subject}")
         self.stream = stream
