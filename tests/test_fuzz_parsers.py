@@ -513,8 +513,14 @@ def test_atheris_harnesses(tmp_path):
     report = p.stdout.decode("utf-8", "replace") + p.stderr.decode("utf-8", "replace")
     logs = {n: (tmp_path / n / "log").read_text("utf-8", "replace") if (tmp_path / n / "log").exists() else ""
             for n in ("clienthello", "http1")}
+
+    def excerpt(text: str) -> str:  # the crash itself when there is one, else the end of the log
+        at = text.find("=== Uncaught Python exception")
+        return text[at:at + 4000] if at >= 0 else text[-1500:]
+
+    crashed = {n: t for n, t in logs.items() if "=== Uncaught Python exception" in t} or logs
     assert p.returncode == 0, f"{' '.join(cmd)} exited {p.returncode}\n{report[-3000:]}\n" + "\n".join(
-        f"--- {n} log (tail) ---\n{text[-3000:]}" for n, text in logs.items())
+        f"--- {n} log ---\n{excerpt(text)}" for n, text in crashed.items())
     for name, text in logs.items():
         runs = re.findall(r"stat::number_of_executed_units:\s*(\d+)", text)
         assert runs and int(runs[-1]) >= 1000, f"{name} ran too few inputs to mean anything: {runs}\n{text[-2000:]}"
