@@ -25,6 +25,7 @@ connection, so anything after the final response is unsolicited and marks the co
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -288,7 +289,10 @@ class ResponseReader(_Reader):
         self.done = False
         self.switched = False  # a 101: the rest of the stream is the new protocol
         self.unsolicited = False  # the origin sent bytes after the final response
-        self._head_buf = bytearray()  # raw bytes of the current head (bounded), to split a 101
+        self._head_buf = bytearray()  # raw bytes of the heads not yet consumed (bounded)
+        self._heads_in_buf = 0  # complete heads at the start of _head_buf
+        self._stopped = False  # parsing stopped at the final head (HEAD, 101)
+        self._final = False  # the final head went on into body parsing (llhttp's own framing)
         self.leftover = b""
 
     def on_message_begin(self) -> None:
@@ -319,22 +323,27 @@ class ResponseReader(_Reader):
             reason=self._reason.decode("latin-1"),
             http_version=p.get_http_version(),
             headers=self._headers,
-            keep_alive=p.should_keep_alive() and not self._close_delimited,
+            # llhttp takes a HEAD response without Content-Length for a close-delimited one; it is bodiless.
+            keep_alive=(_persistent(self._headers, p.get_http_version()) if self._head_only
+                        else p.should_keep_alive() and not self._close_delimited),
             chunked=chunked and not no_body,
             content_length=length,
             close_delimited=self._close_delimited,
             informational=informational,
         )
         self.events.append(head)
+        self._heads_in_buf += 1
         if informational:
             return
         if status == 101 or self._head_only:
             # llhttp would wait for a HEAD response's body, and stops with an error after a 101.
             self.done = True
+            self._stopped = True
             self.switched = status == 101
             self.events.append(EndOfMessage())
             raise _StopParsing()
         self._in_body = True
+        self._final = True
 
     def on_message_complete(self) -> None:
         if self.done:
@@ -350,10 +359,9 @@ class ResponseReader(_Reader):
                 self.unsolicited = True
                 self.leftover += data
             return
-        if self._in_head or not self._in_body:
+        tracking = self._in_head or not self._in_body  # bytes of heads: kept until their end is known
+        if tracking:
             self._head_buf += data
-            if len(self._head_buf) > self.limits.max_head * 2:
-                raise UpstreamProtocolError(f"the origin's response head is larger than {self.limits.max_head} bytes")
         try:
             self._feed(self._parser, data, UpstreamProtocolError)
         except UpstreamProtocolError:
@@ -362,11 +370,22 @@ class ResponseReader(_Reader):
             # llhttp refuses bytes after a message that ends the connection; our exchange is complete
             # all the same: those bytes are unsolicited, whichever read they arrived in.
             self.unsolicited = True
-        if self.switched:
-            end = self._head_buf.find(b"\r\n\r\n")
-            self.leftover = bytes(self._head_buf[end + 4 :]) if end >= 0 else b""
-        if self._in_body:
+        if self._final:  # llhttp frames the body from here on: no head bytes to keep
             self._head_buf.clear()
+            self._heads_in_buf = 0
+        elif tracking and self._heads_in_buf:
+            # Drop the complete heads (1xx ones, and the final head of a HEAD/101 exchange, where
+            # parsing stopped): what remains is a partial head, or the bytes after the final one.
+            rest = _after_heads(self._head_buf, self._heads_in_buf)
+            self._head_buf = bytearray(rest)
+            self._heads_in_buf = 0
+            if self._stopped:  # HEAD or 101: what follows the head is not part of this response
+                self.leftover = bytes(rest)
+                self._head_buf.clear()
+                if rest and not self.switched:
+                    self.unsolicited = True
+        if len(self._head_buf) > self.limits.max_head + self.limits.max_request_line:
+            raise UpstreamProtocolError(f"the origin's response head is larger than {self.limits.max_head} bytes")
 
     def feed_eof(self) -> None:
         """The origin closed its side. Ends a close-delimited body; anything else was cut short."""
@@ -381,6 +400,28 @@ class ResponseReader(_Reader):
         if not self._in_body and not self._head_buf and not self._headers:
             where = "without sending a response"
         raise UpstreamProtocolError(f"the origin closed the connection {where}")
+
+
+def _persistent(headers: Headers, version: str) -> bool:
+    """RFC 9112 §9.3: does the connection persist after this message (by version and Connection)?"""
+    tokens = {t.strip().lower() for k, v in headers if k.lower() == b"connection" for t in v.split(b",")}
+    if b"close" in tokens:
+        return False
+    return version == "1.1" or b"keep-alive" in tokens
+
+
+_HEAD_END = re.compile(rb"\r?\n\r?\n")
+
+
+def _after_heads(buf: bytearray, n: int) -> bytes:
+    """The bytes of `buf` after its first `n` complete heads (bodiless: 1xx, HEAD, 101)."""
+    pos = 0
+    for _ in range(n):
+        m = _HEAD_END.search(buf, pos)
+        if m is None:
+            return b""
+        pos = m.end()
+    return bytes(buf[pos:])
 
 
 # --- serialisers ------------------------------------------------------------------------------
