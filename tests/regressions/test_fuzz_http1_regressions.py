@@ -44,6 +44,10 @@ ARTIFACTS = {
     # the same read, but in a later read they counted as unsolicited bytes (outcome depended on the split).
     "empty-lines-after-response": (b"\x01\x05\x11\x30;HTTP/1.1 203 Enk: </a>K\r\nContent-Length: 0\r\n"
                                    b"\r\n\r\n\r\n\r\n"),
+    # crash-b904ccfd (the suite's 20 s run, after bd26149 "stray empty lines after a response are
+    # tolerated in any read"): after a 101, a later read holding only CR/LF bytes was dropped as a stray
+    # empty line, although every byte after a 101 belongs to the new protocol (leftover lost "\r\n").
+    "crlf-after-101-in-a-later-read": b"\x01\xfb\x2f\x30\x40HTTP/1.1 101 Swed\r\n\r\n3\r\nabc\r\n2;tx\x81*\x00",
     "interim-with-body-across-reads": (b"\x01\x05\x26\x30\x40\n\r\nHTTP/1.1 196 OK\r\nTransfer-Encoding: chunked\r\n"
                                        b"\r\n0\r\nT:1\r\nHot: a\r\nHot: a\r\nTreger:v\r\n\r\n"),
 }
@@ -122,3 +126,12 @@ def test_bytes_after_a_head_response_are_unsolicited_in_one_read_or_two(after):
         for p in parts:
             r.feed(p)
         assert r.done and r.unsolicited, f"{after!r} after a HEAD response went unnoticed when read as {parts}"
+
+
+@pytest.mark.parametrize("later", [b"\r\n", b"\n", b"\r\n\r\n"])
+def test_every_byte_after_a_101_is_the_new_protocols_whatever_the_read(later):
+    r = ResponseReader("GET")
+    r.feed(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\nab")
+    r.feed(later)
+    r.feed(b"cd")
+    assert r.switched and r.leftover == b"ab" + later + b"cd", r.leftover
