@@ -424,7 +424,12 @@ def test_soak_thousands_of_connections_with_faults_at_every_stage(start_proxy, o
         # baseline. Faults come only in the load, so that anything they leave behind shows.
         warm = [name for name in NORMAL for _ in range(CONCURRENCY // 2)]
         with ThreadPoolExecutor(CONCURRENCY) as pool:
-            expects = [f.result() for f in [pool.submit(_bounded, soak, n, time.monotonic() + 60) for n in warm]]
+            futs = [pool.submit(_bounded, soak, n, time.monotonic() + 60) for n in warm]
+            try:
+                expects = [f.result() for f in futs]
+            except Exception as e:
+                raise AssertionError(f"a normal exchange failed during the warm-up, before any fault: {e!r}\n"
+                                     f"--- proxy stderr (tail) ---\n{proxy.stderr_text()[-3000:]}") from e
         fd0 = _settled_fds(proxy.pid, None)
         rss0 = rss_kib(proxy.pid)
 
@@ -473,8 +478,11 @@ def test_soak_thousands_of_connections_with_faults_at_every_stage(start_proxy, o
         if not proxy.alive():
             problems.append(f"the proxy died (exit {proxy.proc.poll()})")
         else:
-            expects.append(soak.https_get())
-            expects.append(soak.forward_get())
+            for name in ("https_get", "forward_get"):
+                try:
+                    expects.append(_bounded(soak, name, time.monotonic() + 1))
+                except Exception as e:
+                    problems.append(f"after the load the proxy did not serve a normal {name}: {e!r}")
             fd1 = _settled_fds(proxy.pid, fd0 + FD_SLACK)
             rss1 = rss_kib(proxy.pid)
             figures.update(fd_baseline=fd0, fd_after=fd1, rss_baseline_mib=round(rss0 / 1024, 1),
