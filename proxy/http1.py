@@ -355,6 +355,9 @@ class ResponseReader(_Reader):
 
     def feed(self, data: bytes) -> None:
         if self.done:
+            if self.switched:  # after a 101 every byte belongs to the new protocol
+                self.leftover += data
+                return
             # Stray empty lines after a response are tolerated (as llhttp does within one read, RFC
             # 9112 §2.2); anything else is unsolicited, whichever read it arrives in.
             if data.strip(b"\r\n"):

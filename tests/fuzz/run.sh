@@ -5,6 +5,9 @@
 #                                         failure is saved (tests/fuzz/_harness.py), the run goes on
 #   FUZZ_OUT=DIR                          where corpora and crash artifacts go (default: a new temp dir)
 #   FUZZ_JOBS=N                           harnesses in parallel (default: the number of CPUs, at most 2)
+#   FUZZ_SEED=N FUZZ_RUNS=M               reproducible: libFuzzer's seed N and M inputs per harness (the
+#                                         time limit stays as a bound). The test suite uses these, so CI
+#                                         fails on a known input, never by luck; long random runs are local.
 # Exit status: 0 when no harness found anything, 1 otherwise (the artifacts are listed at the end).
 # A crash input replays with:  python tests/fuzz/fuzz_NAME.py ARTIFACT   (and belongs in tests/regressions/).
 set -euo pipefail
@@ -28,10 +31,12 @@ run_one() {
   PYTHONPATH="$repo" "$py" "$here/fuzz_$name.py" --write-seeds "$dir/seeds"
   echo "run.sh: fuzzing $name for ${seconds}s (log: $dir/log)" >&2
   # The first corpus directory receives the new inputs; the seeds are only read.
-  local keep=""
+  local keep="" repro=()
   [ "${KEEP_GOING:-0}" = 1 ] && keep="$dir/artifacts"
+  [ -n "${FUZZ_SEED:-}" ] && repro+=(-seed="$FUZZ_SEED")
+  [ -n "${FUZZ_RUNS:-}" ] && repro+=(-runs="$FUZZ_RUNS")
   (cd "$dir" && FUZZ_KEEP_GOING="$keep" PYTHONPATH="$repo" timeout -k 10 $((seconds + 120)) \
-     "$py" "$here/fuzz_$name.py" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -max_len=20000 \
+     "$py" "$here/fuzz_$name.py" "${repro[@]}" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -max_len=20000 \
      -print_final_stats=1 -artifact_prefix="$dir/artifacts/" "$dir/corpus" "$dir/seeds" \
      >"$dir/log" 2>&1) || true
   grep -h "stat::number_of_executed_units\|^Done [0-9]* runs\|Uncaught Python exception\|FUZZ_KEEP_GOING: new" "$dir/log" \

@@ -48,6 +48,9 @@ ARTIFACTS = {
     # tolerated in any read"): after a 101, a later read holding only CR/LF bytes was dropped as a stray
     # empty line, although every byte after a 101 belongs to the new protocol (leftover lost "\r\n").
     "crlf-after-101-in-a-later-read": b"\x01\xfb\x2f\x30\x40HTTP/1.1 101 Swed\r\n\r\n3\r\nabc\r\n2;tx\x81*\x00",
+    # A local 150 s run: after a 101, a later read holding only "\r" was taken for a stray empty line and
+    # dropped instead of being handed to the new protocol.
+    "bytes-after-101-in-a-later-read": b"\x01\x05\x110@HTTP/1.1 101 Pro\xffols\r\nUpgraed: w%bcs\r\nUpgrade: websockEt\r\n\r\n\x81\x02hi\r",
     "interim-with-body-across-reads": (b"\x01\x05\x26\x30\x40\n\r\nHTTP/1.1 196 OK\r\nTransfer-Encoding: chunked\r\n"
                                        b"\r\n0\r\nT:1\r\nHot: a\r\nHot: a\r\nTreger:v\r\n\r\n"),
 }
