@@ -19,6 +19,7 @@ __all__ = [
     "ClientTLSError",
     "ClientTimeout",
     "ProxyAuthRequired",
+    "VersionNotSupported",
     "TooManyPipelined",
     "UpstreamError",
     "UpstreamConnectError",
@@ -92,6 +93,13 @@ class ProxyAuthRequired(ClientError):
     status = 407
     kind = "proxy_auth"
     headers = ((b"Proxy-Authenticate", b'Basic realm="httpsdump", charset="UTF-8"'),)
+
+
+class VersionNotSupported(ClientError):
+    """RFC 9110 §15.6.6: this proxy speaks HTTP/1.0 and HTTP/1.1 on the wire."""
+
+    status = 505
+    kind = "http_version"
 
 
 class TooManyPipelined(ClientError):

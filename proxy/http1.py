@@ -31,7 +31,14 @@ from dataclasses import dataclass, field
 
 import httptools
 
-from .errors import BadRequest, HeadersTooLarge, RequestLineTooLong, TooManyPipelined, UpstreamProtocolError
+from .errors import (
+    BadRequest,
+    HeadersTooLarge,
+    RequestLineTooLong,
+    TooManyPipelined,
+    UpstreamProtocolError,
+    VersionNotSupported,
+)
 
 __all__ = [
     "Limits",
@@ -194,7 +201,7 @@ class _Reader:
             if isinstance(cause, _StopParsing):
                 return
             if isinstance(cause, (BadRequest, HeadersTooLarge, RequestLineTooLong, TooManyPipelined,
-                                  UpstreamProtocolError)):
+                                  VersionNotSupported, UpstreamProtocolError)):
                 raise cause from None
             raise error_cls(f"cannot parse: {cause or e}") from None
         except httptools.HttpParserError as e:
@@ -242,6 +249,10 @@ class RequestReader(_Reader):
         except ValueError:
             raise BadRequest("invalid Content-Length") from None
         method = p.get_method().decode("ascii")
+        version = p.get_http_version()
+        if version not in ("1.0", "1.1"):
+            # An HTTP/0.9 request line (no version) or "HTTP/2.0" in text: never forwarded as is.
+            raise VersionNotSupported(f"HTTP/{version} requests are not supported (HTTP/1.0 and 1.1 only)")
         self._heads_queued += 1
         if self._heads_queued > self.limits.max_pipelined:
             raise TooManyPipelined(f"more than {self.limits.max_pipelined} pipelined requests queued")

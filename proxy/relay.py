@@ -631,7 +631,7 @@ class _Switched:
 
 
 _REASONS = {400: "Bad Request", 403: "Forbidden", 407: "Proxy Authentication Required", 408: "Request Timeout",
-            429: "Too Many Requests", 503: "Service Unavailable", 414: "URI Too Long", 431: "Request Header Fields Too Large",
+            429: "Too Many Requests", 503: "Service Unavailable", 505: "HTTP Version Not Supported", 414: "URI Too Long", 431: "Request Header Fields Too Large",
             500: "Internal Server Error", 502: "Bad Gateway", 504: "Gateway Timeout"}
 
 

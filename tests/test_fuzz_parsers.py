@@ -28,7 +28,8 @@ from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
 from proxy import clienthello
-from proxy.errors import BadRequest, HeadersTooLarge, RequestLineTooLong, TooManyPipelined, UpstreamProtocolError
+from proxy.errors import (BadRequest, HeadersTooLarge, RequestLineTooLong, TooManyPipelined,
+                              UpstreamProtocolError, VersionNotSupported)
 from proxy.http1 import (
     Data,
     EndOfMessage,
@@ -44,7 +45,7 @@ from proxy.http1 import (
 )
 
 HERE = Path(__file__).resolve().parent
-REQUEST_ERRORS = (BadRequest, HeadersTooLarge, RequestLineTooLong, TooManyPipelined)
+REQUEST_ERRORS = (BadRequest, HeadersTooLarge, RequestLineTooLong, TooManyPipelined, VersionNotSupported)
 RESPONSE_ERRORS = (UpstreamProtocolError,)
 SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 # Mutated inputs are reported as they are: shrinking them can take minutes and teaches little more.

@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.errors import BadRequest, HeadersTooLarge, RequestLineTooLong, UpstreamProtocolError
+from proxy.errors import (BadRequest, HeadersTooLarge, RequestLineTooLong, TooManyPipelined, UpstreamProtocolError,
+                          VersionNotSupported)
 from proxy.http1 import (
     Data,
     EndOfMessage,
@@ -178,7 +179,7 @@ def test_serialisers_round_trip():
 def test_arbitrary_bytes_raise_only_declared_errors(data):
     try:
         RequestReader().feed(data)
-    except (BadRequest, HeadersTooLarge, RequestLineTooLong):
+    except (BadRequest, HeadersTooLarge, RequestLineTooLong, TooManyPipelined, VersionNotSupported):
         pass
     try:
         rr = ResponseReader("GET")
@@ -186,3 +187,10 @@ def test_arbitrary_bytes_raise_only_declared_errors(data):
         rr.feed_eof()
     except UpstreamProtocolError:
         pass
+
+
+@pytest.mark.parametrize("line", [b"GET /\r\n\r\n", b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", b"GET / HTTP/0.9\r\n\r\n"])
+def test_other_http_versions_are_505(line):
+    with pytest.raises(VersionNotSupported) as info:
+        RequestReader().feed(line)
+    assert info.value.status == 505

@@ -27,10 +27,11 @@ import _harness  # noqa: E402  (tests/fuzz is the script's directory)
 
 _seeds_only = len(sys.argv) == 3 and sys.argv[1] == "--write-seeds"
 with atheris.instrument_imports() if atheris and not _seeds_only else contextlib.nullcontext():
-    from proxy.errors import BadRequest, HeadersTooLarge, RequestLineTooLong, TooManyPipelined, UpstreamProtocolError
+    from proxy.errors import (BadRequest, HeadersTooLarge, RequestLineTooLong, TooManyPipelined,
+                              UpstreamProtocolError, VersionNotSupported)
     from proxy.http1 import Data, Limits, RequestReader, ResponseReader
 
-REQUEST_ERRORS = (BadRequest, HeadersTooLarge, RequestLineTooLong, TooManyPipelined)
+REQUEST_ERRORS = (BadRequest, HeadersTooLarge, RequestLineTooLong, TooManyPipelined, VersionNotSupported)
 TIGHT = Limits(max_request_line=32, max_head=256, max_headers=4)
 METHODS = ("GET", "HEAD", "POST")
 
