@@ -23,6 +23,7 @@ import hmac
 import logging
 import time
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Callable
 
 from . import clienthello, installpage
@@ -630,10 +631,8 @@ class _Switched:
     server_bytes: bytes  # what the origin sent after its 101 head, already relayed to the client
 
 
-_REASONS = {400: "Bad Request", 403: "Forbidden", 407: "Proxy Authentication Required", 408: "Request Timeout",
-            429: "Too Many Requests", 503: "Service Unavailable", 505: "HTTP Version Not Supported", 414: "URI Too Long", 431: "Request Header Fields Too Large",
-            500: "Internal Server Error", 502: "Bad Gateway", 504: "Gateway Timeout"}
-
-
 def _reason(status: int) -> str:
-    return _REASONS.get(status, "Error")
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
