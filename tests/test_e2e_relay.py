@@ -228,3 +228,31 @@ def test_streaming_response_is_shown_when_it_starts_and_logged_when_it_ends(star
     assert result["r"].out == b"data: hello\n\ndata: world\n\n", str(result["r"])
     flow = p.flow()
     assert flow["response"]["body"]["text"] == "data: hello\n\ndata: world\n\n"
+
+
+def test_a_second_signal_exits_at_once(start_proxy, scripted):
+    gate = threading.Event()
+
+    def stuck(s):
+        read_head(s)
+        s.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nab")
+        gate.wait(30)  # never finishes by itself within the test
+
+    origin = scripted(stuck)
+    p = start_proxy()
+    t = threading.Thread(target=lambda: run_curl(*https("good.test", origin, "/x"), proxy_url=p.url,
+                                                 cacert=p.ca_pem, timeout=30))
+    t.start()
+    from helpers import poll
+
+    try:
+        poll(lambda: origin.connections >= 1, what="the exchange to be in flight")
+        p.proc.send_signal(signal.SIGTERM)
+        poll(lambda: "shutting down" in p.stderr_text(), what="the first signal to be handled")
+        assert p.proc.poll() is None  # the in-flight exchange holds the graceful shutdown...
+        p.proc.send_signal(signal.SIGTERM)
+        assert p.proc.wait(3) == 0  # ...and a second signal ends it at once, well inside the 5 s grace
+        p._finished = True  # it exited on purpose: the fixture must not report it as a crash
+    finally:
+        gate.set()
+        t.join(30)
