@@ -65,7 +65,9 @@ class ProxyServer:
         self.port: int | None = None
         self.flows_emitted = 0
         self._redact = frozenset(n.encode("latin-1") for n in config.redact)
-        self._render = any(type(s).__name__ != "ConsoleSink" for s in self.sinks)
+        # Sinks that write the full record (JSONL, store, HAR) share one rendering, done here on the loop
+        # thread before any sink's own thread can see the flow; the console renders its own line.
+        self._render = any(getattr(s, "writes_records", True) for s in self.sinks)
         _raise_fd_limit()
 
     def upstream_ctx_for(self, host: str):

@@ -62,6 +62,8 @@ class ConsoleSink:
     unless `color` says otherwise. `width` bounds body preview lines.
     """
 
+    writes_records = False  # renders its own lines: the server need not render the JSON record for it
+
     def __init__(self, stream: TextIO, verbosity: int, *, color: bool | None = None,
                  width: int = 100) -> None:
         self._stream = stream
