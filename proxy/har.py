@@ -40,7 +40,6 @@ refused rather than overwritten.
 
 from __future__ import annotations
 
-import base64
 import datetime as _dt
 import email.utils
 import json
@@ -54,6 +53,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from .decode import render_body
 from .errors import ConfigError
+from .files import open_private
 from .flow import Flow
 
 __all__ = ["flows_to_har", "har_entry", "write_har", "iter_har_chunks", "atomic_write", "HarFileSink", "CREATOR"]
@@ -388,17 +388,10 @@ class HarFileSink:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = os.path.expanduser(os.fspath(path))
-        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
+        fd, st = open_private(self.path, os.O_RDWR, "HAR file")
         try:
-            fd = os.open(self.path, flags, 0o600)
-        except OSError as e:
-            raise ConfigError(f"cannot open the HAR file {self.path}: {e.strerror or e}") from None
-        try:
-            st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise ConfigError(f"the HAR file {self.path} is not a regular file (a HAR file is rewritten in place)")
-            if st.st_mode & 0o077:
-                os.fchmod(fd, 0o600)
             self._end, self._has_entries = self._prepare(fd, st.st_size)
             self.written = 0  # entries written by this sink
         except ConfigError:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import threading
 
-from .errors import ConfigError
+from .files import open_private
 
 __all__ = ["KeyLog"]
 
@@ -18,12 +18,7 @@ __all__ = ["KeyLog"]
 class KeyLog:
     def __init__(self, path: str) -> None:
         self.path = os.path.expanduser(path)
-        try:
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-            if os.fstat(self._fd).st_mode & 0o077:
-                os.fchmod(self._fd, 0o600)
-        except OSError as e:
-            raise ConfigError(f"cannot open the key log file {self.path}: {e.strerror or e}") from None
+        self._fd: int | None = open_private(self.path, os.O_WRONLY | os.O_APPEND, "key log file")[0]
         self._lock = threading.Lock()
 
     def write(self, line: bytes) -> None:

@@ -14,7 +14,7 @@ import os
 import stat
 import threading
 
-from ..errors import ConfigError
+from ..files import open_private
 from ..flow import Flow
 
 __all__ = ["JsonlSink"]
@@ -27,20 +27,8 @@ class JsonlSink:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = os.fspath(path)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0)
-        try:
-            fd = os.open(self.path, flags, 0o600)
-        except OSError as e:
-            raise ConfigError(f"cannot open the traffic log {self.path}: {e.strerror or e}") from None
-        try:
-            st = os.fstat(fd)
-            self._regular = stat.S_ISREG(st.st_mode)  # not a FIFO or /dev/stdout: those are not ours
-            if self._regular and st.st_mode & 0o077:
-                os.fchmod(fd, 0o600)
-        except OSError as e:
-            os.close(fd)
-            raise ConfigError(
-                f"cannot make the traffic log {self.path} private (0600): {e.strerror or e}") from None
+        fd, st = open_private(self.path, os.O_WRONLY | os.O_APPEND, "traffic log")
+        self._regular = stat.S_ISREG(st.st_mode)  # not a FIFO or /dev/stdout: those are not ours
         self._fd: int | None = fd
         self._lock = threading.Lock()
 
