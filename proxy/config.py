@@ -17,7 +17,7 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["Config", "load_config", "FIELDS"]
+__all__ = ["Config", "load_config", "read_toml", "FIELDS"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +106,7 @@ def _check(key: str, value: Any) -> Any:
         if value is None:
             return None
         if not isinstance(value, str) or ":" not in value or not value.split(":", 1)[0]:
-            raise ConfigError(f"config key 'proxy_auth': must be \"user:password\" with a non-empty user")
+            raise ConfigError("config key 'proxy_auth': must be \"user:password\" with a non-empty user")
         return value
     if key == "upstream_ca":
         if isinstance(value, str):
@@ -153,19 +153,24 @@ def _check(key: str, value: Any) -> Any:
     return value
 
 
+def read_toml(path: str) -> dict[str, Any]:
+    """The raw table of a config file; ConfigError when it is missing, unreadable or not TOML."""
+    try:
+        with open(os.path.expanduser(path), "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
+
+
 def load_config(path: str | None, overrides: dict[str, Any]) -> Config:
     """Defaults, then the TOML file at `path` (if any), then `overrides` (flags given explicitly)."""
     values: dict[str, Any] = {}
     if path is not None:
-        try:
-            with open(os.path.expanduser(path), "rb") as f:
-                data = tomllib.load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
-        except OSError as e:
-            raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+        data = read_toml(path)
         for key, value in data.items():
             if key not in FIELDS:
                 raise ConfigError(f"config file {path}: unknown key '{key}' (known keys: {', '.join(FIELDS)})")

@@ -151,17 +151,9 @@ def _store_path(args: argparse.Namespace) -> str:
         return os.path.expanduser(args.store)
     confdir = args.confdir
     if args.config:
-        import tomllib
+        from .config import read_toml
 
-        try:
-            with open(os.path.expanduser(args.config), "rb") as f:
-                data = tomllib.load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {args.config}") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"config file {args.config} is not valid TOML: {e}") from None
-        except OSError as e:
-            raise ConfigError(f"cannot read config file {args.config}: {e.strerror or e}") from None
+        data = read_toml(args.config)
         for key in ("store_path", "confdir"):
             if key in data and not (isinstance(data[key], str) and data[key]):
                 raise ConfigError(f"config file {args.config}: key '{key}' must be a non-empty string")
