@@ -412,17 +412,20 @@ class Relay:
 
     async def _exchange(self, client, rr: RequestReader, head: RequestHead, upstream: Upstream, flow: Flow, t0: float):
         """One request/response. Returns True (keep the connection), False (close) or _Switched."""
-        up = upstream.stream
+        result = await self._forward(client, rr, head, upstream.stream, flow, t0)
+        if result is True and (not head.keep_alive or rr.upgraded):
+            return False  # the client asked to close, or an Upgrade the origin declined
+        return result
+
+    async def _forward(self, client, rr: RequestReader, head: RequestHead, up, flow: Flow, t0: float):
+        """Send the request (streaming its body) and relay the response; _exchange's result."""
         req = flow.request
         await up.send(serialize_request_head(head.method, req.target, head.http_version, req.headers))
         if not head.chunked and not head.content_length and isinstance(rr.events[0] if rr.events else None,
                                                                        EndOfMessage):
             rr.next_event()  # no body (the common GET): no pump task needed
             flow.timing.request_sent_ms = (self.clock() - t0) * 1000
-            result = await self._relay_response(client, up, head, flow, t0)
-            if result is True and (not head.keep_alive or rr.upgraded):
-                return False
-            return result
+            return await self._relay_response(client, up, head, flow, t0)
         # The request body and the response run side by side (100-continue, early answers such as 413).
         # Whichever side fails first ends the exchange: a client that vanishes mid-body must not leave
         # us waiting for a response the origin will never send.
@@ -446,8 +449,6 @@ class Relay:
                 await body_task
             return False
         body_task.result()  # re-raises a request-side failure
-        if result is True and (not head.keep_alive or rr.upgraded):
-            return False  # the client asked to close, or an Upgrade the origin declined
         return result
 
     async def _pump_request_body(self, client, rr: RequestReader, head: RequestHead, up, flow: Flow, t0: float) -> bool:
