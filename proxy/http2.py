@@ -535,9 +535,7 @@ class H2Bridge:
         self.emit(flow)
 
     def _client_broke(self, message: str) -> None:
-        self.client_gone = True
-        with _suppress_h2():
-            self.down.close_connection(ErrorCodes.PROTOCOL_ERROR, last_stream_id=self.max_client_stream)
+        self.client_gone = True  # h2 has already queued its GOAWAY (PROTOCOL_ERROR or the error's code)
         err = ClientError(message)
         if not self.by_cid:  # nothing in flight: the connection itself gets the record
             flow = self.new_flow(0)
@@ -551,9 +549,7 @@ class H2Bridge:
         self._after()
 
     def _server_broke(self, message: str) -> None:
-        self.server_gone = True
-        with _suppress_h2():
-            self.up.close_connection(ErrorCodes.PROTOCOL_ERROR)
+        self.server_gone = True  # h2 has already queued its GOAWAY
         for st in list(self.by_cid.values()):
             self._fail(st, UpstreamProtocolError(message), reset_server=False)
         self._goaway_client()
