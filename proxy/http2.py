@@ -51,8 +51,10 @@ from .flow import Flow, Request, Response
 __all__ = ["H2Bridge", "STREAM_WINDOW", "CONNECTION_WINDOW", "MAX_CONCURRENT_STREAMS"]
 
 STREAM_WINDOW = 1 << 18  # what either peer may send us per stream before we pass it on (256 KiB)
-CONNECTION_WINDOW = 1 << 20  # and on the whole connection (1 MiB)
 MAX_CONCURRENT_STREAMS = 100  # advertised to the client (RFC 9113 §6.5.2 recommends at least 100)
+# The connection window covers every stream's window at once: a stream whose reader stalls holds at
+# most STREAM_WINDOW of it, so it can never starve the other streams (no head-of-line blocking).
+CONNECTION_WINDOW = STREAM_WINDOW * MAX_CONCURRENT_STREAMS
 _CODE_NAMES = {int(c): c.name for c in ErrorCodes}
 
 
@@ -290,9 +292,12 @@ class H2Bridge:
                 regular.append((k, v))
         method = pseudo.get(b":method", b"").decode("latin-1")
         authority = pseudo.get(b":authority") or next((v for k, v in regular if k == b"host"), b"")
-        host, port = _authority(authority.decode("latin-1"), self.host, self.port)
-        flow.request = Request(method=method, http_version="2", headers=regular,
-                               scheme=pseudo.get(b":scheme", b"https").decode("latin-1"), host=host, port=port,
+        scheme = pseudo.get(b":scheme", b"https").decode("latin-1")
+        if authority:  # the URL a person expects is the one the client asked for (as with Host in HTTP/1)
+            host, port = _authority(authority.decode("latin-1"), self.host, 80 if scheme == "http" else 443)
+        else:
+            host, port = self.host, self.port
+        flow.request = Request(method=method, http_version="2", headers=regular, scheme=scheme, host=host, port=port,
                                target=pseudo.get(b":path", b"").decode("latin-1") or (authority.decode("latin-1")))
         if method == "CONNECT":  # RFC 8441 extended CONNECT is not offered; plain CONNECT is a proxy's job
             self._fail(st, BadRequest("CONNECT inside a tunnel is not supported"))
