@@ -95,7 +95,10 @@ async def relay_h2(client, up, *, new_flow: Callable[[int], Flow], emit: Callabl
     try:
         pending = set(tasks)
         while pending and not bridge.closed:
-            _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            done_tasks, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for t in done_tasks:
+                if t.exception() is not None:  # a bug: the relay's caller logs it; the flows are kept below
+                    raise t.exception()
     finally:
         for t in tasks:
             t.cancel()

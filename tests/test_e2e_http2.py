@@ -118,8 +118,9 @@ def test_large_download_is_flow_controlled_end_to_end_while_small_streams_comple
             if len(stream.body) > seen:
                 chunk = bytes(stream.body[seen:])
                 got.update(chunk)
-                c.conn.increment_flow_control_window(len(chunk), stream_id=big)
-                c._flush()
+                if not stream.done:
+                    c.conn.increment_flow_control_window(len(chunk), stream_id=big)
+                    c._flush()
                 del stream.body[:]
                 seen = 0
         assert stream.status == 200 and stream.reset_code is None
