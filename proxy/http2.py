@@ -44,6 +44,7 @@ from h2.events import (
 )
 from h2.exceptions import H2Error, ProtocolError
 from h2.settings import SettingCodes, Settings
+from hyperframe.frame import GoAwayFrame
 
 from .errors import BadRequest, ClientError, ProxyError, StreamReset, UpstreamProtocolError
 from .flow import Flow, Request, Response
@@ -60,6 +61,23 @@ _CODE_NAMES = {int(c): c.name for c in ErrorCodes}
 
 def _code_name(code) -> str:
     return _CODE_NAMES.get(int(code), f"0x{int(code):x}") if code is not None else "unknown"
+
+
+class _Connection(H2Connection):
+    """h2's connection, except that a GOAWAY received does not end it at once. RFC 9113 §6.8: the
+    streams up to the GOAWAY's last_stream_id are still answered (an origin such as nginx sends a
+    graceful GOAWAY after its 1000th request, with responses still on the way), but h2 moves to CLOSED
+    on any GOAWAY and would refuse their frames. The bridge itself opens no new stream afterwards."""
+
+    def _receive_goaway_frame(self, frame):
+        event = ConnectionTerminated()
+        try:
+            event.error_code = ErrorCodes(frame.error_code)
+        except ValueError:
+            event.error_code = frame.error_code
+        event.last_stream_id = frame.last_stream_id
+        event.additional_data = frame.additional_data or None
+        return [], [event]
 
 
 def _config(client_side: bool) -> H2Configuration:
@@ -114,13 +132,17 @@ class H2Bridge:
         self.host, self.port = host, port
         self.cap = body_capture_limit
         self.response_started_cb = response_started
-        self.down = H2Connection(_config(False))
-        self.up = H2Connection(_config(True))
+        self.down = _Connection(_config(False))
+        self.up = _Connection(_config(True))
+        self._out_down = bytearray()  # output taken from h2 early, to put a graceful GOAWAY after it
+        self._out_up = bytearray()
         self.by_cid: dict[int, _Stream] = {}
         self.by_sid: dict[int, _Stream] = {}
         self.waiting: collections.deque[_Stream] = collections.deque()  # over the origin's stream limit
-        self.client_gone = False  # the client sent GOAWAY, closed or broke the protocol
-        self.server_gone = False  # the same for the origin
+        self.client_gone = False  # no new streams from the client (GOAWAY either way, EOF, protocol error)
+        self.server_gone = False  # the same towards the origin
+        self.client_dead = False  # the client connection is over (EOF, protocol error): nothing more to read or send
+        self.server_dead = False
         self.closed = False  # both connections are finished: the shell closes the sockets
         self.max_client_stream = 0
         self._max_header_list_size = max_header_list_size
@@ -147,10 +169,24 @@ class H2Bridge:
     # --- bytes in / out -------------------------------------------------------------------------
 
     def to_client(self) -> bytes:
+        if self._out_down:
+            out = bytes(self._out_down) + self.down.data_to_send()
+            self._out_down.clear()
+            return out
         return self.down.data_to_send()
 
     def to_server(self) -> bytes:
+        if self._out_up:
+            out = bytes(self._out_up) + self.up.data_to_send()
+            self._out_up.clear()
+            return out
         return self.up.data_to_send()
+
+    def _graceful_goaway(self, conn: H2Connection, buf: bytearray, last_stream_id: int) -> None:
+        """GOAWAY(NO_ERROR) without closing h2's state: the streams up to last_stream_id still finish
+        (h2's close_connection() would refuse every frame after it)."""
+        buf += conn.data_to_send()
+        buf += GoAwayFrame(0, last_stream_id=last_stream_id, error_code=0).serialize()
 
     @property
     def idle(self) -> bool:
@@ -158,7 +194,7 @@ class H2Bridge:
         return not self.by_cid
 
     def client_data(self, data: bytes) -> None:
-        if self.client_gone:
+        if self.client_dead:
             return
         try:
             events = self.down.receive_data(data)
@@ -170,7 +206,7 @@ class H2Bridge:
         self._after()
 
     def server_data(self, data: bytes) -> None:
-        if self.server_gone:
+        if self.server_dead:
             return
         try:
             events = self.up.receive_data(data)
@@ -182,16 +218,16 @@ class H2Bridge:
         self._after()
 
     def client_eof(self, why: str = "the client closed the connection") -> None:
-        if not self.client_gone:
-            self.client_gone = True
+        if not self.client_dead:
+            self.client_gone = self.client_dead = True
             for st in list(self.by_cid.values()):
                 self._fail(st, ClientError(f"{why} before the stream ended"), reset_client=False)
             self._goaway_server()
         self._after()
 
     def server_eof(self, why: str = "the origin closed the connection") -> None:
-        if not self.server_gone:
-            self.server_gone = True
+        if not self.server_dead:
+            self.server_gone = self.server_dead = True
             for st in list(self.by_cid.values()):
                 self._fail(st, UpstreamProtocolError(f"{why} before the response ended"), reset_server=False)
             self._goaway_client()
@@ -508,17 +544,17 @@ class H2Bridge:
             return
         st.finished = True
         self._forget(st)
-        if reset_server and st.sid is not None and not self.server_gone:
+        if reset_server and st.sid is not None and not self.server_dead:
             with _suppress_h2():
                 self.up.reset_stream(st.sid, server_code if server_code is not None else ErrorCodes.CANCEL)
         # Whatever the origin already sent us on this stream will not be passed on: reopen its window.
-        if st.sid is not None and st.to_client.size and not self.server_gone:
+        if st.sid is not None and st.to_client.size and not self.server_dead:
             with _suppress_h2():
                 self.up.acknowledge_received_data(st.to_client.size, st.sid)
-        if st.to_server.size and not self.client_gone:
+        if st.to_server.size and not self.client_dead:
             with _suppress_h2():
                 self.down.acknowledge_received_data(st.to_server.size, st.cid)
-        if reset_client and not self.client_gone:
+        if reset_client and not self.client_dead:
             if client_code is None and not st.response_started and not isinstance(err, StreamReset):
                 body = f"httpsdump: {err.message}\n".encode("utf-8")
                 with _suppress_h2():
@@ -540,7 +576,7 @@ class H2Bridge:
         self.emit(flow)
 
     def _client_broke(self, message: str) -> None:
-        self.client_gone = True  # h2 has already queued its GOAWAY (PROTOCOL_ERROR or the error's code)
+        self.client_gone = self.client_dead = True  # h2 has already queued its GOAWAY (PROTOCOL_ERROR or the error's code)
         err = ClientError(message)
         if not self.by_cid:  # nothing in flight: the connection itself gets the record
             flow = self.new_flow(0)
@@ -554,7 +590,7 @@ class H2Bridge:
         self._after()
 
     def _server_broke(self, message: str) -> None:
-        self.server_gone = True  # h2 has already queued its GOAWAY
+        self.server_gone = self.server_dead = True  # h2 has already queued its GOAWAY
         for st in list(self.by_cid.values()):
             self._fail(st, UpstreamProtocolError(message), reset_server=False)
         self._goaway_client()
@@ -563,14 +599,14 @@ class H2Bridge:
     def _goaway_client(self) -> None:
         if not self.client_gone:
             self.client_gone = True  # no new streams are accepted: the client opens a new connection
-            with _suppress_h2():
-                self.down.close_connection(ErrorCodes.NO_ERROR, last_stream_id=self.max_client_stream)
+            if not self.client_dead:
+                self._graceful_goaway(self.down, self._out_down, self.max_client_stream)
 
     def _goaway_server(self) -> None:
         if not self.server_gone:
             self.server_gone = True
-            with _suppress_h2():
-                self.up.close_connection(ErrorCodes.NO_ERROR)
+            if not self.server_dead:
+                self._graceful_goaway(self.up, self._out_up, 0)  # we accept no pushed streams: last id 0
 
     def _after(self) -> None:
         while self.waiting and not self.server_gone and self._room_upstream():

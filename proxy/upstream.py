@@ -140,7 +140,8 @@ class Upstream:
         engine = TLSEngine(self._ctx_for(self.tls_name), server_side=False, hostname=self.tls_name,
                            sni=self.sni, alpn=self.alpn)
         stream = TLSStream(conn, engine, error=UpstreamProtocolError)
-        side = TlsSide(sni=self.tls_name if (self.sni and not is_ip(self.tls_name)) else None, insecure=pol.insecure)
+        side = TlsSide(sni=self.tls_name if (self.sni and not is_ip(self.tls_name)) else None, insecure=pol.insecure,
+                       alpn_offer=tuple(self.alpn))
         self.tls = side
         try:
             async with asyncio.timeout(pol.handshake_timeout):

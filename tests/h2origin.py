@@ -56,6 +56,8 @@ Routes (any method; HEAD sends the same headers without a body; response header 
 * ``/headers``           200 JSON ``[[name, value], ...]``: the request's headers in wire order, pseudo-headers
                          included
 * ``/gzip`` ``/deflate`` ``/br`` ``/zstd``  tests/origin.py's ``TEXT`` encoded; the exact bytes are ``ENCODED[name]``
+* ``pages``              ``H2Origin(pages={path: (content_type, body)})`` serves these first (body: bytes, or a
+                         function of the H2Request returning bytes): a small site for browser tests
 * anything else          404
 
 Request bodies are read (and their flow-control windows reopened) as they arrive; a route is answered once
@@ -507,7 +509,13 @@ class _H2Session:
         def q(name: str, default: str) -> str:
             return query.get(name, [default])[0]
 
-        if path == "/hello":
+        page = self.origin.pages.get(path)
+        if page is not None:  # pages given to H2Origin(pages=...): a site for browser tests
+            ctype, body = page
+            if callable(body):
+                body = body(req)
+            await self.respond(req, 200, [("content-type", ctype), ("cache-control", "no-store")], body)
+        elif path == "/hello":
             await self.respond(req, 200, H2_HELLO_HEADERS, HELLO_BODY)
         elif path == "/json":
             await self.respond(req, 200, [("content-type", "application/json")], JSON_BODY)
@@ -637,8 +645,11 @@ class H2Origin:
 
     def __init__(self, name: str = "h2", serve: Path | str | None = None, key: Path | str | None = None, *,
                  alpn=DEFAULT_ALPN, max_concurrent_streams: int | None = None,
-                 initial_window_size: int | None = None, max_frame_size: int | None = None):
+                 initial_window_size: int | None = None, max_frame_size: int | None = None,
+                 pages: dict | None = None):
         self.name = name
+        # path -> (content type, body bytes or a function of the H2Request): served before the routes
+        self.pages = dict(pages or {})
         self.alpn = tuple(alpn) if alpn else ()
         self.ssl_context = h2_server_context(serve, key, self.alpn) if serve is not None else None
         if self.ssl_context is not None:

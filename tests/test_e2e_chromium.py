@@ -41,6 +41,7 @@ import pytest
 
 from ca import trust
 from helpers import clean_env, poll
+from h2origin import start_h2origin  # noqa: F401  (fixture)
 from origin import server_context
 
 CHROMIUM_TIMEOUT = 90  # seconds for one Chromium run (a cold start on a slow CI machine takes ~5 s)
@@ -319,6 +320,46 @@ def test_chromium_loads_https_page_script_and_image_through_the_proxy(start_prox
     assert got[("127.0.0.1", site.port, "/pixel.png")]["tls"]["client"]["sni"] is None  # no SNI for IP literals
     assert got[("127.0.0.1", site.port, "/pixel.png")]["response"]["body"]["content_type"] == "image/png"
     assert "script ran" in got[("localhost", site.port, "/app.js")]["response"]["body"]["text"]
+
+
+def test_chromium_loads_the_page_over_http2_end_to_end(start_proxy, start_h2origin, pki, tmp_path, token, monkeypatch):
+    """Issue #7: Chromium offers h2; the origin speaks h2; so both sides of the proxy speak h2 (ALPN
+    mirrored) and every stream is a flow."""
+    _chromium()
+    proxy = start_proxy()
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    assert trust.cmd_trust(proxy.confdir, "", False, io.StringIO()) == 0
+
+    def page(req) -> bytes:
+        return PAGE.format(port=site.port, token=req.query.get("t", [""])[0]).encode()
+
+    site = start_h2origin(pages={"/": ("text/html; charset=utf-8", page),
+                                 "/app.js": ("application/javascript", SCRIPT.encode()),
+                                 "/pixel.png": ("image/png", _png(*IMAGE_SIZE))})
+    allowed = {("localhost", site.port), ("127.0.0.1", site.port)}
+    with Guard(proxy.port, allowed) as guard:
+        p = run_chromium(f"https://localhost:{site.port}/?t={token}", guard.port, home, tmp_path / "profile")
+    diag = (f"Chromium exit {p.returncode}; guard passed {guard.passed}, refused {guard.refused}"
+            f"\n--- dom ---\n{p.stdout[-3000:]}\n--- stderr ---\n{p.stderr[-3000:]}")
+    w, h = IMAGE_SIZE
+    assert f'<p id="out">script ran; image loaded {w}x{h}</p>' in p.stdout, diag
+    assert guard.refused == [], diag
+    reqs = site.wait_requests(3)
+    assert sorted(r.path for r in reqs) == ["/", "/app.js", "/pixel.png"]
+    assert all(r.alpn == "h2" for r in reqs)  # the origin was spoken to in h2 ...
+    flows = proxy.flows(3, timeout=15)
+    for f in flows:  # ... and so was Chromium, one flow per stream
+        assert f["error"] is None and f["response"]["status"] == 200, f
+        assert f["request"]["http_version"] == "2" and isinstance(f.get("stream_id"), int), f
+        assert f["tls"]["client"]["alpn"] == "h2" and f["tls"]["upstream"]["alpn"] == "h2"
+        assert "h2" in f["tls"]["client"]["alpn_offer"]
+        assert f["tls"]["upstream"]["verified"] is True
+        assert token in f["request"]["target"]
+    by_path = {urlsplit(f["request"]["target"]).path: f for f in flows}
+    assert by_path["/pixel.png"]["response"]["body"]["content_type"] == "image/png"
+    assert "script ran" in by_path["/app.js"]["response"]["body"]["text"]
 
 
 def test_chromium_without_the_ca_in_its_nss_database_refuses_the_proxy(start_proxy, pki, tmp_path, token):
