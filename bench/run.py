@@ -171,6 +171,7 @@ def make_www(d: Path) -> None:
 class Nginx:
     def __init__(self, work: Path, pki: Path, www: Path):
         self.port = free_port()
+        self.h2_port = free_port()  # the same server with HTTP/2 (ALPN h2), for the h2 workload only
         self.dir = work / "nginx"
         for sub in ("", "tmp"):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
@@ -201,6 +202,18 @@ http {{
         ssl_certificate {pki}/origin.pem;
         ssl_certificate_key {pki}/origin-key.pem;
         ssl_protocols TLSv1.2 TLSv1.3;
+        root {www};
+        location = /small {{ default_type text/plain; }}
+    }}
+    # HTTP/2 on its own port, so that the HTTP/1.1 workloads keep a listener without h2 (their client
+    # offers ALPN http/1.1 only and checks what was selected). nginx 1.22: `http2` on `listen`.
+    server {{
+        listen 127.0.0.1:{self.h2_port} ssl http2;
+        server_name bench.test *.bench.test;
+        ssl_certificate {pki}/origin.pem;
+        ssl_certificate_key {pki}/origin-key.pem;
+        ssl_protocols TLSv1.2 TLSv1.3;
+        http2_max_concurrent_streams 128;
         root {www};
         location = /small {{ default_type text/plain; }}
     }}
