@@ -60,6 +60,10 @@ WORKLOADS = {
     "big_100MB":   dict(mode="big", path="/100m", c=1, unit="MB", args=["-expect-size", str(BIG_SIZE)]),
     "idle_500":    dict(mode="idle", path="/small", c=500, unit="conn", args=["-expect-size", "100"],
                         targets=PROXIES),
+    # HTTP/2: 50 concurrent streams on 2 connections, to nginx's h2 listener; a target that does not
+    # negotiate h2 with the client is reported as such (not_h2), with no numbers. No tunnel: it is opaque.
+    "h2-ka":       dict(mode="h2", path="/small", c=50, unit="req", args=["-expect-size", "100", "-conns", "2"],
+                        h2=True, targets=[t for t in ALL_TARGETS if t != "tunnel"]),
 }
 
 # Goals from issue #3 (httpsdump with its JSONL log on). KB/MB are binary (KiB/MiB).
@@ -460,11 +464,12 @@ def measure(ctx, target_name: str, wl_name: str, rnd: int) -> dict:
     target = TARGET_CLASSES[target_name](ctx)
     rec = {"target": target_name, "workload": wl_name, "round": rnd, "quiet_wait_s": round(waited, 1)}
     try:
-        args = [wl["mode"], "-sync", "-connect", f"127.0.0.1:{ctx.nginx.port}", "-host", "bench.test",
+        port = ctx.nginx.h2_port if wl.get("h2") else ctx.nginx.port
+        args = [wl["mode"], "-sync", "-connect", f"127.0.0.1:{port}", "-host", "bench.test",
                 "-path", wl["path"], "-ca", str(target.client_ca), "-c", str(wl["c"]), *wl["args"]]
         if target.addr:
             args += ["-proxy", target.addr]
-        if wl["mode"] in ("ka", "newconn"):
+        if wl["mode"] in ("ka", "newconn", "h2"):
             args += ["-t", str(p["seconds"]), "-n", str(p["max_requests"])]
         elif wl["mode"] == "mint":
             args += ["-t", str(p["seconds"]), "-names", str(p["mint_names"]),
@@ -498,6 +503,12 @@ def measure(ctx, target_name: str, wl_name: str, rnd: int) -> dict:
         finally:
             cl.close()
         rec["client"] = res
+        if res.get("proto"):
+            rec["proto"] = res["proto"]
+        if res.get("not_h2"):  # the target did not negotiate HTTP/2 with the client: nothing was measured
+            rec["not_h2"] = rec["first_error"] = res["not_h2"]
+            rec["ok"], rec["errors"], rec["reconnects"] = 0, res["errors"], 0
+            return rec
         rec["ok"], rec["errors"], rec["reconnects"] = res["ok"], res["errors"], res.get("reconnects", 0)
         if res.get("first_error"):
             rec["first_error"] = res["first_error"]
@@ -595,6 +606,9 @@ def summarize(runs: list[dict], targets: list[str]) -> dict:
             rows[t]["reconnects"] = sum(r.get("reconnects", 0) for r in every)
             rows[t]["bad_runs"] = len(bad)
             rows[t]["failed_runs"] = sum(1 for r in runs if r["workload"] == wl and r["target"] == t and "error" in r)
+            not_h2 = [r for r in every if r.get("not_h2")]
+            if not_h2:  # h2 workload: runs in which the target did not negotiate HTTP/2 with the client
+                rows[t]["not_h2"] = f"{len(not_h2)}/{n_all} runs negotiated {not_h2[0].get('proto') or 'no ALPN'}, not h2"
         if rows:
             summary[wl] = rows
     return summary
@@ -670,6 +684,10 @@ def render(meta: dict, summary: dict, goals: list[dict], targets: list[str], pre
         for t in targets:
             r = rows.get(t)
             if not r:
+                continue
+            if r.get("not_h2") and r["rate"] is None:  # nothing measured: say why instead of numbers
+                L.append(f"| {wl} | {t} | n/a: {r['not_h2']} |" + " – |" * 10 +
+                         f" {r['errors']} / {r['ok']} / {r['reconnects']} | {r['n_clean']}/{r['n_all']} | {r['bad_runs'] + r['failed_runs']} |")
                 continue
             L.append(f"| {wl} | {t} | {fmt(r['rate'])} | {fmt(ratio(r['rate'], d.get('rate')), 2)} | "
                      f"{fmt(ratio(hd.get('rate'), r['rate']), 2) if t != 'httpsdump' else ''} | {fmt(r['p50_ms'], 2)} | {fmt(r['p99_ms'], 2)} | "
@@ -878,7 +896,7 @@ def main() -> int:
                     runs.append(rec)
                     brief = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in rec.items()
                              if k in ("rate", "cpu_us", "p50_ms", "p99_ms", "errors", "hwm_mib", "kib_per_conn",
-                                      "cpu0_busy_pct", "other_pct", "quiet_wait_s", "error", "first_error", "log_short")}
+                                      "cpu0_busy_pct", "other_pct", "quiet_wait_s", "error", "first_error", "log_short", "proto")}
                     log(f"bench: round {rnd} {wl:12s} {t:10s} {json.dumps(brief)}")
         if a.profile:
             outdir = BENCH / "results" if not a.no_save else WORK
