@@ -179,6 +179,16 @@ class Nginx:
         self.dir = work / "nginx"
         for sub in ("", "tmp"):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
+        def server(listen: str) -> str:
+            return f"""    server {{
+        listen 127.0.0.1:{listen};
+        server_name bench.test *.bench.test;
+        ssl_certificate {pki}/origin.pem;
+        ssl_certificate_key {pki}/origin-key.pem;
+        ssl_protocols TLSv1.2 TLSv1.3;
+        root {www};
+        location = /small {{ default_type text/plain; }}
+    }}"""
         conf = f"""
 daemon off;
 master_process off;
@@ -200,27 +210,11 @@ http {{
     keepalive_timeout 300s;
     sendfile off;
     gzip_static on;
-    server {{
-        listen 127.0.0.1:{self.port} ssl default_server;
-        server_name bench.test *.bench.test;
-        ssl_certificate {pki}/origin.pem;
-        ssl_certificate_key {pki}/origin-key.pem;
-        ssl_protocols TLSv1.2 TLSv1.3;
-        root {www};
-        location = /small {{ default_type text/plain; }}
-    }}
+{server(f"{self.port} ssl default_server")}
     # HTTP/2 on its own port, so that the HTTP/1.1 workloads keep a listener without h2 (their client
-    # offers ALPN http/1.1 only and checks what was selected). nginx 1.22: `http2` on `listen`.
-    server {{
-        listen 127.0.0.1:{self.h2_port} ssl http2;
-        server_name bench.test *.bench.test;
-        ssl_certificate {pki}/origin.pem;
-        ssl_certificate_key {pki}/origin-key.pem;
-        ssl_protocols TLSv1.2 TLSv1.3;
-        http2_max_concurrent_streams 128;
-        root {www};
-        location = /small {{ default_type text/plain; }}
-    }}
+    # offers ALPN http/1.1 only and checks what was selected). nginx 1.22: `http2` on `listen`;
+    # http2_max_concurrent_streams is left at its default, 128.
+{server(f"{self.h2_port} ssl http2")}
 }}
 """
         (self.dir / "nginx.conf").write_text(conf)

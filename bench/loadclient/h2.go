@@ -195,9 +195,7 @@ func runH2() {
 					time.Sleep(10 * time.Millisecond)
 					continue
 				}
-				lat[i] = append(lat[i], float64(time.Since(s).Microseconds())/1000)
-				atomic.AddInt64(&r.OK, 1)
-				atomic.AddInt64(&r.Bytes, n)
+				r.record(&lat[i], s, n)
 			}
 		}(i)
 	}

@@ -286,6 +286,13 @@ func finish(r *result, lat [][]float64, ec *errCounter, t0 time.Time, cpu0 float
 	emit(r)
 }
 
+// record counts one successful request that started at s and read n body bytes.
+func (r *result) record(lat *[]float64, s time.Time, n int64) {
+	*lat = append(*lat, float64(time.Since(s).Microseconds())/1000)
+	atomic.AddInt64(&r.OK, 1)
+	atomic.AddInt64(&r.Bytes, n)
+}
+
 // ---- modes --------------------------------------------------------------------------------------
 
 // openWarm opens n kept-alive connections, at most par at a time, each with one request done.
@@ -353,9 +360,7 @@ func runKA() {
 					c = nil
 					continue
 				}
-				lat[i] = append(lat[i], float64(time.Since(s).Microseconds())/1000)
-				atomic.AddInt64(&r.OK, 1)
-				atomic.AddInt64(&r.Bytes, n)
+				r.record(&lat[i], s, n)
 				if !reuse {
 					c.Close()
 					c = nil
@@ -422,9 +427,7 @@ func runNewconn(mint bool) {
 					ec.add(err)
 					continue
 				}
-				lat[i] = append(lat[i], float64(time.Since(s).Microseconds())/1000)
-				atomic.AddInt64(&r.OK, 1)
-				atomic.AddInt64(&r.Bytes, n)
+				r.record(&lat[i], s, n)
 			}
 		}(i)
 	}
