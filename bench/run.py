@@ -176,12 +176,15 @@ class Nginx:
     def __init__(self, work: Path, pki: Path, www: Path):
         self.port = free_port()
         self.h2_port = free_port()  # the same server with HTTP/2 (ALPN h2), for the h2 workload only
+        self.h2_log_port = free_port()  # the same again with an access log of the protocol: preflight_h2 only
         self.dir = work / "nginx"
         for sub in ("", "tmp"):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
-        def server(listen: str) -> str:
+        self.h2_log = self.dir / "h2-protocols.log"
+
+        def server(listen: str, extra: str = "") -> str:
             return f"""    server {{
-        listen 127.0.0.1:{listen};
+        listen 127.0.0.1:{listen};{extra}
         server_name bench.test *.bench.test;
         ssl_certificate {pki}/origin.pem;
         ssl_certificate_key {pki}/origin-key.pem;
@@ -199,6 +202,7 @@ error_log {self.dir}/error.log warn;
 events {{ worker_connections 8192; }}
 http {{
     access_log off;
+    log_format protocol '$server_protocol';
     client_body_temp_path {self.dir}/tmp/body;
     proxy_temp_path {self.dir}/tmp/proxy;
     fastcgi_temp_path {self.dir}/tmp/fastcgi;
@@ -215,6 +219,7 @@ http {{
     # offers ALPN http/1.1 only and checks what was selected). nginx 1.22: `http2` on `listen`;
     # http2_max_concurrent_streams is left at its default, 128.
 {server(f"{self.h2_port} ssl http2")}
+{server(f"{self.h2_log_port} ssl http2", f" access_log {self.h2_log} protocol;")}
 }}
 """
         (self.dir / "nginx.conf").write_text(conf)
@@ -564,6 +569,32 @@ def preflight(ctx) -> dict:
     return out
 
 
+def preflight_h2(ctx) -> dict:
+    """For each target of h2-ka: which protocol it speaks to the client (the ALPN the client got) and
+    to the origin (nginx logs $server_protocol on a third listener, h2 like the second, used only
+    here): 20 requests per target, outside the measured runs, so that no timed run pays for a log."""
+    out = {}
+    for name in [t for t in ctx.targets if t in WORKLOADS["h2-ka"]["targets"]]:
+        t = TARGET_CLASSES[name](ctx)
+        seen = len(ctx.nginx.h2_log.read_text().splitlines()) if ctx.nginx.h2_log.exists() else 0
+        try:
+            r = subprocess.run([str(CLIENT), "h2", *(["-proxy", t.addr] if t.addr else []), "-connect",
+                                f"127.0.0.1:{ctx.nginx.h2_log_port}", "-host", "pre.bench.test", "-ca", str(t.client_ca),
+                                "-c", "4", "-conns", "2", "-n", "20", "-t", "20", "-expect-size", "100"],
+                               capture_output=True, text=True, timeout=60)
+        finally:
+            t.stop()
+        j = json.loads(r.stdout.strip().splitlines()[-1])
+        at_origin: dict[str, int] = {}
+        for ln in ctx.nginx.h2_log.read_text().splitlines()[seen:]:
+            at_origin[ln] = at_origin.get(ln, 0) + 1
+        out[name] = {"to_client": j.get("proto") or "no ALPN", "ok": j["ok"], "errors": j["errors"],
+                     "first_error": j.get("first_error", ""), "at_origin": at_origin}
+        log(f"bench: preflight h2 {name}: to the client {out[name]['to_client']}, {j['ok']} ok; "
+            f"requests at the origin by protocol: {at_origin}")
+    return out
+
+
 # ---- summary -------------------------------------------------------------------------------------
 
 def med(xs):
@@ -655,8 +686,18 @@ def render(meta: dict, summary: dict, goals: list[dict], targets: list[str], pre
         L.append("CONNECT 127.0.0.1:PORT with SNI/Host `pre.bench.test` (origin cert: `*.bench.test`, no IP SAN) must work; "
                  "SNI/Host `wrong.example` must fail.\n")
         for n, r in pre.items():
+            if n == "h2":
+                continue
             L.append(f"- {n}: good name ok={r['good']['ok']}; wrong name ok={r['wrong_name']['ok']} "
                      f"(`{r['wrong_name']['first_error'][:140]}`) → verifies against the SNI name: **{r['verifies_sni_name']}**")
+        L.append("")
+    if pre.get("h2"):
+        L.append("## Preflight: HTTP/2 on both sides (h2-ka)\n")
+        L.append("20 requests through each target offering ALPN `h2, http/1.1`: the protocol the client got, and "
+                 "what nginx logged ($server_protocol) for the requests that reached it.\n")
+        for n, r in pre["h2"].items():
+            origin = ", ".join(f"{k} × {v}" for k, v in r["at_origin"].items()) or "no request"
+            L.append(f"- {n}: to the client **{r['to_client']}** ({r['ok']} ok, {r['errors']} errors); at the origin: {origin}")
         L.append("")
     L.append("## Results (medians over rounds)\n")
     L.append("Rate = req/s (keep-alive, new connection), names/s (mint), MB/s (download, 10^6 B). "
@@ -876,6 +917,8 @@ def main() -> int:
     try:
         meta["machine"] = machine_facts(ctx)
         pre = preflight(ctx)
+        if "h2-ka" in workloads:
+            pre["h2"] = preflight_h2(ctx)
         for rnd in range(1, rounds + 1):
             for wl in workloads:
                 allowed = WORKLOADS[wl].get("targets", ALL_TARGETS)
