@@ -10,11 +10,15 @@ The pipeline, and which module owns each step::
               tls/engine.py in client mode: the origin's TLS, verified (chain + set1_host + SNI,
               TLS ≥ 1.2) with the hardened context of tls/contexts.py; started during the client
               handshake, awaited before the first request is forwarded
+              (when the client offers h2: the origin's handshake first, offered the client's ALPN
+              list; the client is given what the origin selected: ALPN mirroring)
           ──▶ http1.py: sans-IO HTTP/1.1 framing (httptools) on both sides; relay.py streams
               bodies with backpressure, one request at a time per connection
+              or, h2 on both sides: http2.py joins two `h2` connections stream by stream (flow
+              control end to end), relay_h2.py is its asyncio shell
           ──▶ flow.py records ──▶ sinks/ (console, JSON Lines); decode.py renders bodies for them
 
-Only relay.py, streams.py, server.py and cli.py await or touch sockets; everything else is fed bytes
+Only relay.py, relay_h2.py, streams.py, upstream.py, server.py and cli.py await or touch sockets; everything else is fed bytes
 and returns values or events, and is tested that way. Every failure is a ProxyError (errors.py) with
 the HTTP status the client gets and the record the log keeps; the core never prints.
 """

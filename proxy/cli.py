@@ -45,6 +45,8 @@ def _proxy_parser() -> argparse.ArgumentParser:
                    help="also trust this CA file when verifying origins (repeatable; adds to the system store)")
     p.add_argument("--insecure", action="store_true", default=None,
                    help="DANGEROUS: do not stop on invalid origin certificates (every affected flow is marked)")
+    p.add_argument("--no-http2", dest="http2", action="store_false", default=None,
+                   help="speak HTTP/1.1 only (h2 is not offered to origins nor selected for clients)")
     p.add_argument("--log-file", metavar="PATH", help="append every flow as one JSON line to PATH (created 0600)")
     p.add_argument("--store", dest="store_path", metavar="PATH",
                    help="flow store (SQLite) path; default <confdir>/flows.sqlite3 (see 'httpsdump flows --help')")
@@ -116,7 +118,8 @@ def _load(args) -> "Config":
 
     overrides = {"confdir": args.confdir}
     for key in ("listen_host", "listen_port", "log_file", "insecure", "proxy_auth", "allow_any_client", "redact",
-                "ignore_hosts", "allow_hosts", "upstream_proxy", "client_cert", "store", "store_path", "har_file", "keylog_file"):
+                "ignore_hosts", "allow_hosts", "upstream_proxy", "client_cert", "store", "store_path", "har_file", "keylog_file",
+                "http2"):
         overrides[key] = getattr(args, key, None)
     if getattr(args, "quiet", False):
         overrides["verbosity"] = 0

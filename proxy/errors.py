@@ -28,6 +28,7 @@ __all__ = [
     "CertificateError",
     "CertReason",
     "UpstreamProtocolError",
+    "StreamReset",
     "ConfigError",
     "CAError",
 ]
@@ -200,6 +201,24 @@ class UpstreamProtocolError(UpstreamError):
     """The origin sent a response that cannot be relayed unambiguously."""
 
     kind = "upstream_protocol"
+
+
+class StreamReset(ProxyError):
+    """HTTP/2: a peer reset one stream (RST_STREAM) or refused it (GOAWAY); the reset is passed on to
+    the other side with the same error code, and the flow records who reset it and why."""
+
+    kind = "stream_reset"
+
+    def __init__(self, message: str, side: str, code: int) -> None:
+        super().__init__(message)
+        self.side = side
+        self.code = code
+        self.status = 502 if side == "upstream" else 400
+
+    def to_record(self) -> dict:
+        rec = super().to_record()
+        rec["h2_error_code"] = self.code
+        return rec
 
 
 # --- start-up problems (CLI exit code 2) --------------------------------------------------------

@@ -179,6 +179,7 @@ class Flow:
     upgraded: str | None = None  # e.g. "websocket" once switched to a raw relay
     tunnel: dict | None = None  # passthrough: {"host", "port", "bytes_from_client", "bytes_from_server"}
     websocket: dict | None = None  # after a WebSocket upgrade: messages both ways (proxy/websocket.py)
+    stream_id: int | None = None  # HTTP/2: the client's stream id (proxy/http2.py)
     _rendered: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     def rendered(self) -> tuple[dict, str]:
@@ -219,6 +220,8 @@ class Flow:
             "client": self.client_addr,
             "mode": self.mode,
         }
+        if self.stream_id is not None:
+            out["stream_id"] = self.stream_id
         if self.request is not None:
             r = self.request
             out["request"] = {"method": r.method, "url": r.url, "scheme": r.scheme, "host": r.host,

@@ -56,6 +56,7 @@ from .hostmatch import HostPolicy
 from .streams import Conn, PlainStream, TLSStream
 from .tls.contexts import client_failure
 from .tls.engine import TLSEngine, TLSFailure
+from .relay_h2 import relay_h2
 from .upstream import Upstream, UpstreamProxy, open_tcp
 from .websocket import WebSocketObserver
 
@@ -75,6 +76,7 @@ class RelayPolicy:
     idle_timeout: float = 120.0
     connect_timeout: float = 10.0
     insecure: bool = False
+    http2: bool = True  # ALPN mirroring: h2 end to end when the client offers it and the origin selects it
     own_addresses: frozenset = frozenset()  # (host, port) pairs the proxy listens on: never a target
     proxy_auth: bytes | None = None  # b"user:password" every client must present (Basic)
     upstream_proxy: UpstreamProxy | None = None
@@ -249,9 +251,19 @@ class Relay:
         engine = TLSEngine(server_ctx, server_side=True)
         stream = TLSStream(client.conn, engine)
         # Connect and verify upstream while the client handshake runs; the request waits for both.
-        upstream = None if local else self._upstream(host, port, name, True)
+        # ALPN mirroring: the origin is offered the client's list; when h2 is in it, the client's
+        # answer depends on the origin's, so the origin's handshake finishes first. A failure there
+        # still lets the client's handshake complete (http/1.1), and its first request gets the 502.
+        alpn = _mirrored_alpn(ctls.alpn_offer, self.policy.http2)
+        upstream = None if local else self._upstream(host, port, name, True, alpn)
         connecting = None if local else asyncio.ensure_future(upstream.open())
         try:
+            if connecting is not None and "h2" in alpn:
+                with contextlib.suppress(Exception):
+                    await connecting
+                h2 = upstream.stream is not None and upstream.tls is not None and upstream.tls.alpn == "h2"
+                engine.choose_alpn(("h2",) if h2 else ("http/1.1",))
+                upstream.alpn = ("h2",) if h2 else ("http/1.1",)  # a reconnect speaks what was chosen
             try:
                 await asyncio.wait_for(stream.handshake(buf), self.policy.handshake_timeout)
             except asyncio.TimeoutError:
@@ -260,6 +272,9 @@ class Relay:
                 raise client_failure(f, hello.sni or host) from None
             ctls.version, ctls.cipher, ctls.alpn = engine.version, engine.cipher, engine.alpn
             client_tls_ms = (self.clock() - t0) * 1000
+            if ctls.alpn == "h2":
+                await self._h2(stream, upstream, client_addr, ctls, client_tls_ms, name, port)
+                return
             await self._exchanges(stream, RequestReader(self.policy.limits), client_addr, "https",
                                   (host, port, name, True), upstream=upstream, connecting=connecting,
                                   client_tls=(ctls, client_tls_ms))
@@ -277,6 +292,24 @@ class Relay:
                     await connecting
                 await upstream.close()
             await stream.close()  # close_notify, then TCP close; frees the engine
+
+    async def _h2(self, client: TLSStream, upstream: Upstream, client_addr: str, ctls: TlsSide,
+                  client_tls_ms: float, name: str, port: int) -> None:
+        """HTTP/2 on both sides (the origin selected h2): relay_h2.py and http2.py, one flow per stream."""
+        first = [True]
+
+        def new_flow(stream_id: int) -> Flow:
+            flow = Flow(client_addr=client_addr, mode="https", stream_id=stream_id)
+            flow.tls.client, flow.tls.upstream = ctls, upstream.tls
+            flow.insecure = self.policy.insecure
+            if first[0] and stream_id:  # the handshakes belong to the connection's first stream
+                first[0] = False
+                t = flow.timing
+                t.client_tls_ms, t.connect_ms, t.upstream_tls_ms = client_tls_ms, upstream.connect_ms, upstream.tls_ms
+            return flow
+
+        await relay_h2(client, upstream.stream, new_flow=new_flow, emit=self.emit, policy=self.policy,
+                       clock=self.clock, wall=self.wall, host=name, port=port, started=self.started)
 
     # --- HTTP exchanges ------------------------------------------------------------------------
 
@@ -388,9 +421,10 @@ class Relay:
         flow.response.body.feed(body, self.policy.body_capture_limit)
         return not close
 
-    def _upstream(self, host: str, port: int, tls_name: str | None, sni: bool) -> Upstream:
+    def _upstream(self, host: str, port: int, tls_name: str | None, sni: bool,
+                  alpn: tuple[str, ...] = ("http/1.1",)) -> Upstream:
         return Upstream(host, port, tls_name, sni=sni, ctx_for=self.upstream_ctx_for, policy=self.policy,
-                        clock=self.clock)
+                        clock=self.clock, alpn=alpn)
 
     async def _upstream_for(self, upstream, connecting, dest, t0):
         host, port, tls_name, sni = dest
@@ -630,6 +664,13 @@ class _Switched:
     """The origin answered 101: the connection now speaks another protocol."""
 
     server_bytes: bytes  # what the origin sent after its 101 head, already relayed to the client
+
+
+def _mirrored_alpn(offer: tuple[str, ...], http2: bool) -> tuple[str, ...]:
+    """What the origin is offered: the client's own list, in its order, limited to the protocols this
+    proxy relays (h2 only when enabled); http/1.1 when that leaves nothing."""
+    relayable = ("h2", "http/1.1") if http2 else ("http/1.1",)
+    return tuple(p for p in offer if p in relayable) or ("http/1.1",)
 
 
 def _reason(status: int) -> str:

@@ -116,6 +116,7 @@ class ProxyServer:
             idle_timeout=c.idle_timeout,
             connect_timeout=c.connect_timeout,
             insecure=c.insecure,
+            http2=c.http2,
             own_addresses=own,
             proxy_auth=c.proxy_auth.encode("utf-8") if c.proxy_auth else None,
             upstream_proxy=self._upstream_proxy,

@@ -108,8 +108,9 @@ class Upstream:
     """One connection to an origin, opened on first use and reused while it stays alive."""
 
     def __init__(self, host: str, port: int, tls_name: str | None, *, sni: bool, ctx_for: Callable,
-                 policy, clock: Callable[[], float]) -> None:
+                 policy, clock: Callable[[], float], alpn: tuple[str, ...] = ("http/1.1",)) -> None:
         self.host, self.port = host, port
+        self.alpn = alpn  # offered to the origin (the client's own list: ALPN mirroring)
         self.tls_name, self.sni = tls_name, sni
         self._ctx_for, self._policy, self._clock = ctx_for, policy, clock
         self.stream: PlainStream | TLSStream | None = None
@@ -137,7 +138,7 @@ class Upstream:
         pol = self._policy
         t1 = self._clock()
         engine = TLSEngine(self._ctx_for(self.tls_name), server_side=False, hostname=self.tls_name,
-                           sni=self.sni, alpn=("http/1.1",))
+                           sni=self.sni, alpn=self.alpn)
         stream = TLSStream(conn, engine, error=UpstreamProtocolError)
         side = TlsSide(sni=self.tls_name if (self.sni and not is_ip(self.tls_name)) else None, insecure=pol.insecure)
         self.tls = side

@@ -117,6 +117,11 @@ class TLSEngine:
         if alpn:
             openssl_ext.ssl_set_alpn_protos(int(self._ssl), alpn)
 
+    def choose_alpn(self, protocols: tuple[str, ...]) -> None:
+        """Server mode, before the handshake: answer the client's ALPN offer with the first of
+        `protocols` it offers (none: no ALPN). ALPN mirroring selects what the origin selected."""
+        openssl_ext.ssl_set_alpn_choice(int(self._ssl), tuple(p.encode("ascii") for p in protocols))
+
     # --- ciphertext in/out --------------------------------------------------------------------
 
     def receive(self, data: bytes) -> None:
@@ -211,7 +216,10 @@ class TLSEngine:
         """Release the SSL and its BIOs now. Idempotent; the engine is unusable afterwards."""
         if not self._closed:
             self._closed = True
-            openssl_ext.take_leaf_der(int(self._ssl))
+            ptr = int(self._ssl)
+            openssl_ext.take_leaf_der(ptr)
+            if self.server_side:
+                openssl_ext.ssl_clear_alpn_choice(ptr)
             m2.ssl_free(self._ssl)  # also frees _rb and _wb
             self._ssl = self._rb = self._wb = None
             m2.err_clear_error()

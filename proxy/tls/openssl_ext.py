@@ -30,6 +30,8 @@ __all__ = [
     "ssl_set_alpn_protos",
     "ssl_get_alpn_selected",
     "ctx_select_alpn",
+    "ssl_set_alpn_choice",
+    "ssl_clear_alpn_choice",
     "ctx_set_keylog",
     "encode_alpn",
     "ctx_set_verify",
@@ -191,12 +193,28 @@ def ssl_get_alpn_selected(ssl_ptr: int) -> str | None:
     return ctypes.string_at(data.value, length.value).decode("ascii", "replace")
 
 
-def ctx_select_alpn(ctx: SSL.Context, supported: tuple[bytes, ...]) -> None:
-    """Server side: pick the first of `supported` (our preference order) that the client offers;
-    when none is offered, answer without ALPN (NOACK) rather than failing the handshake, as
-    RFC 7301 §3.2 allows for a server that does not support the client's protocols."""
+# Per-connection ALPN answers for the server side (ALPN mirroring, issue #7): SSL* address -> the
+# protocols this connection may select, in order. Set before the handshake, cleared when the SSL is
+# freed (TLSEngine.free); connections without an entry use the context's default preference.
+_ALPN_CHOICE: dict[int, tuple[bytes, ...]] = {}
 
-    def select(_ssl, out, outlen, inp, inlen, _arg):  # noqa: ANN001 - C signature
+
+def ssl_set_alpn_choice(ssl_ptr: int, protocols: tuple[bytes, ...]) -> None:
+    """Server side, one connection: select the first of `protocols` the client offers (NOACK if none)."""
+    _ALPN_CHOICE[ssl_ptr] = protocols
+
+
+def ssl_clear_alpn_choice(ssl_ptr: int) -> None:
+    _ALPN_CHOICE.pop(ssl_ptr, None)
+
+
+def ctx_select_alpn(ctx: SSL.Context, supported: tuple[bytes, ...]) -> None:
+    """Server side: pick the first of `supported` (our preference order, or the connection's own list
+    from ssl_set_alpn_choice) that the client offers; when none is offered, answer without ALPN
+    (NOACK) rather than failing the handshake, as RFC 7301 §3.2 allows for a server that does not
+    support the client's protocols."""
+
+    def select(ssl, out, outlen, inp, inlen, _arg):  # noqa: ANN001 - C signature
         try:
             offered = ctypes.string_at(inp, inlen)
             i = 0
@@ -205,7 +223,7 @@ def ctx_select_alpn(ctx: SSL.Context, supported: tuple[bytes, ...]) -> None:
                 n = offered[i]
                 positions.setdefault(offered[i + 1 : i + 1 + n], i + 1)
                 i += 1 + n
-            for proto in supported:
+            for proto in _ALPN_CHOICE.get(ssl, supported):
                 pos = positions.get(proto)
                 if pos is not None:
                     out[0] = inp + pos  # points into OpenSSL's own buffer, never into Python memory
