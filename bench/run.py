@@ -60,6 +60,10 @@ WORKLOADS = {
     "big_100MB":   dict(mode="big", path="/100m", c=1, unit="MB", args=["-expect-size", str(BIG_SIZE)]),
     "idle_500":    dict(mode="idle", path="/small", c=500, unit="conn", args=["-expect-size", "100"],
                         targets=PROXIES),
+    # HTTP/2: 50 concurrent streams on 2 connections, to nginx's h2 listener; a target that does not
+    # negotiate h2 with the client is reported as such (not_h2), with no numbers. No tunnel: it is opaque.
+    "h2-ka":       dict(mode="h2", path="/small", c=50, unit="req", args=["-expect-size", "100", "-conns", "2"],
+                        h2=True, targets=[t for t in ALL_TARGETS if t != "tunnel"]),
 }
 
 # Goals from issue #3 (httpsdump with its JSONL log on). KB/MB are binary (KiB/MiB).
@@ -171,9 +175,23 @@ def make_www(d: Path) -> None:
 class Nginx:
     def __init__(self, work: Path, pki: Path, www: Path):
         self.port = free_port()
+        self.h2_port = free_port()  # the same server with HTTP/2 (ALPN h2), for the h2 workload only
+        self.h2_log_port = free_port()  # the same again with an access log of the protocol: preflight_h2 only
         self.dir = work / "nginx"
         for sub in ("", "tmp"):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
+        self.h2_log = self.dir / "h2-protocols.log"
+
+        def server(listen: str, extra: str = "") -> str:
+            return f"""    server {{
+        listen 127.0.0.1:{listen};{extra}
+        server_name bench.test *.bench.test;
+        ssl_certificate {pki}/origin.pem;
+        ssl_certificate_key {pki}/origin-key.pem;
+        ssl_protocols TLSv1.2 TLSv1.3;
+        root {www};
+        location = /small {{ default_type text/plain; }}
+    }}"""
         conf = f"""
 daemon off;
 master_process off;
@@ -184,6 +202,7 @@ error_log {self.dir}/error.log warn;
 events {{ worker_connections 8192; }}
 http {{
     access_log off;
+    log_format protocol '$server_protocol';
     client_body_temp_path {self.dir}/tmp/body;
     proxy_temp_path {self.dir}/tmp/proxy;
     fastcgi_temp_path {self.dir}/tmp/fastcgi;
@@ -195,15 +214,12 @@ http {{
     keepalive_timeout 300s;
     sendfile off;
     gzip_static on;
-    server {{
-        listen 127.0.0.1:{self.port} ssl default_server;
-        server_name bench.test *.bench.test;
-        ssl_certificate {pki}/origin.pem;
-        ssl_certificate_key {pki}/origin-key.pem;
-        ssl_protocols TLSv1.2 TLSv1.3;
-        root {www};
-        location = /small {{ default_type text/plain; }}
-    }}
+{server(f"{self.port} ssl default_server")}
+    # HTTP/2 on its own port, so that the HTTP/1.1 workloads keep a listener without h2 (their client
+    # offers ALPN http/1.1 only and checks what was selected). nginx 1.22: `http2` on `listen`;
+    # http2_max_concurrent_streams is left at its default, 128.
+{server(f"{self.h2_port} ssl http2")}
+{server(f"{self.h2_log_port} ssl http2", f" access_log {self.h2_log} protocol;")}
 }}
 """
         (self.dir / "nginx.conf").write_text(conf)
@@ -447,11 +463,12 @@ def measure(ctx, target_name: str, wl_name: str, rnd: int) -> dict:
     target = TARGET_CLASSES[target_name](ctx)
     rec = {"target": target_name, "workload": wl_name, "round": rnd, "quiet_wait_s": round(waited, 1)}
     try:
-        args = [wl["mode"], "-sync", "-connect", f"127.0.0.1:{ctx.nginx.port}", "-host", "bench.test",
+        port = ctx.nginx.h2_port if wl.get("h2") else ctx.nginx.port
+        args = [wl["mode"], "-sync", "-connect", f"127.0.0.1:{port}", "-host", "bench.test",
                 "-path", wl["path"], "-ca", str(target.client_ca), "-c", str(wl["c"]), *wl["args"]]
         if target.addr:
             args += ["-proxy", target.addr]
-        if wl["mode"] in ("ka", "newconn"):
+        if wl["mode"] in ("ka", "newconn", "h2"):
             args += ["-t", str(p["seconds"]), "-n", str(p["max_requests"])]
         elif wl["mode"] == "mint":
             args += ["-t", str(p["seconds"]), "-names", str(p["mint_names"]),
@@ -485,6 +502,12 @@ def measure(ctx, target_name: str, wl_name: str, rnd: int) -> dict:
         finally:
             cl.close()
         rec["client"] = res
+        if res.get("proto"):
+            rec["proto"] = res["proto"]
+        if res.get("not_h2"):  # the target did not negotiate HTTP/2 with the client: nothing was measured
+            rec["not_h2"] = rec["first_error"] = res["not_h2"]
+            rec["ok"], rec["errors"], rec["reconnects"] = 0, res["errors"], 0
+            return rec
         rec["ok"], rec["errors"], rec["reconnects"] = res["ok"], res["errors"], res.get("reconnects", 0)
         if res.get("first_error"):
             rec["first_error"] = res["first_error"]
@@ -546,6 +569,32 @@ def preflight(ctx) -> dict:
     return out
 
 
+def preflight_h2(ctx) -> dict:
+    """For each target of h2-ka: which protocol it speaks to the client (the ALPN the client got) and
+    to the origin (nginx logs $server_protocol on a third listener, h2 like the second, used only
+    here): 20 requests per target, outside the measured runs, so that no timed run pays for a log."""
+    out = {}
+    for name in [t for t in ctx.targets if t in WORKLOADS["h2-ka"]["targets"]]:
+        t = TARGET_CLASSES[name](ctx)
+        seen = len(ctx.nginx.h2_log.read_text().splitlines()) if ctx.nginx.h2_log.exists() else 0
+        try:
+            r = subprocess.run([str(CLIENT), "h2", *(["-proxy", t.addr] if t.addr else []), "-connect",
+                                f"127.0.0.1:{ctx.nginx.h2_log_port}", "-host", "pre.bench.test", "-ca", str(t.client_ca),
+                                "-c", "4", "-conns", "2", "-n", "20", "-t", "20", "-expect-size", "100"],
+                               capture_output=True, text=True, timeout=60)
+        finally:
+            t.stop()
+        j = json.loads(r.stdout.strip().splitlines()[-1])
+        at_origin: dict[str, int] = {}
+        for ln in ctx.nginx.h2_log.read_text().splitlines()[seen:]:
+            at_origin[ln] = at_origin.get(ln, 0) + 1
+        out[name] = {"to_client": j.get("proto") or "no ALPN", "ok": j["ok"], "errors": j["errors"],
+                     "first_error": j.get("first_error", ""), "at_origin": at_origin}
+        log(f"bench: preflight h2 {name}: to the client {out[name]['to_client']}, {j['ok']} ok; "
+            f"requests at the origin by protocol: {at_origin}")
+    return out
+
+
 # ---- summary -------------------------------------------------------------------------------------
 
 def med(xs):
@@ -582,6 +631,9 @@ def summarize(runs: list[dict], targets: list[str]) -> dict:
             rows[t]["reconnects"] = sum(r.get("reconnects", 0) for r in every)
             rows[t]["bad_runs"] = len(bad)
             rows[t]["failed_runs"] = sum(1 for r in runs if r["workload"] == wl and r["target"] == t and "error" in r)
+            not_h2 = [r for r in every if r.get("not_h2")]
+            if not_h2:  # h2 workload: runs in which the target did not negotiate HTTP/2 with the client
+                rows[t]["not_h2"] = f"{len(not_h2)}/{n_all} runs negotiated {not_h2[0].get('proto') or 'no ALPN'}, not h2"
         if rows:
             summary[wl] = rows
     return summary
@@ -634,8 +686,18 @@ def render(meta: dict, summary: dict, goals: list[dict], targets: list[str], pre
         L.append("CONNECT 127.0.0.1:PORT with SNI/Host `pre.bench.test` (origin cert: `*.bench.test`, no IP SAN) must work; "
                  "SNI/Host `wrong.example` must fail.\n")
         for n, r in pre.items():
+            if n == "h2":
+                continue
             L.append(f"- {n}: good name ok={r['good']['ok']}; wrong name ok={r['wrong_name']['ok']} "
                      f"(`{r['wrong_name']['first_error'][:140]}`) → verifies against the SNI name: **{r['verifies_sni_name']}**")
+        L.append("")
+    if pre.get("h2"):
+        L.append("## Preflight: HTTP/2 on both sides (h2-ka)\n")
+        L.append("20 requests through each target offering ALPN `h2, http/1.1`: the protocol the client got, and "
+                 "what nginx logged ($server_protocol) for the requests that reached it.\n")
+        for n, r in pre["h2"].items():
+            origin = ", ".join(f"{k} × {v}" for k, v in r["at_origin"].items()) or "no request"
+            L.append(f"- {n}: to the client **{r['to_client']}** ({r['ok']} ok, {r['errors']} errors); at the origin: {origin}")
         L.append("")
     L.append("## Results (medians over rounds)\n")
     L.append("Rate = req/s (keep-alive, new connection), names/s (mint), MB/s (download, 10^6 B). "
@@ -657,6 +719,10 @@ def render(meta: dict, summary: dict, goals: list[dict], targets: list[str], pre
         for t in targets:
             r = rows.get(t)
             if not r:
+                continue
+            if r.get("not_h2") and r["rate"] is None:  # nothing measured: say why instead of numbers
+                L.append(f"| {wl} | {t} | n/a: {r['not_h2']} |" + " – |" * 10 +
+                         f" {r['errors']} / {r['ok']} / {r['reconnects']} | {r['n_clean']}/{r['n_all']} | {r['bad_runs'] + r['failed_runs']} |")
                 continue
             L.append(f"| {wl} | {t} | {fmt(r['rate'])} | {fmt(ratio(r['rate'], d.get('rate')), 2)} | "
                      f"{fmt(ratio(hd.get('rate'), r['rate']), 2) if t != 'httpsdump' else ''} | {fmt(r['p50_ms'], 2)} | {fmt(r['p99_ms'], 2)} | "
@@ -851,6 +917,8 @@ def main() -> int:
     try:
         meta["machine"] = machine_facts(ctx)
         pre = preflight(ctx)
+        if "h2-ka" in workloads:
+            pre["h2"] = preflight_h2(ctx)
         for rnd in range(1, rounds + 1):
             for wl in workloads:
                 allowed = WORKLOADS[wl].get("targets", ALL_TARGETS)
@@ -865,7 +933,7 @@ def main() -> int:
                     runs.append(rec)
                     brief = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in rec.items()
                              if k in ("rate", "cpu_us", "p50_ms", "p99_ms", "errors", "hwm_mib", "kib_per_conn",
-                                      "cpu0_busy_pct", "other_pct", "quiet_wait_s", "error", "first_error", "log_short")}
+                                      "cpu0_busy_pct", "other_pct", "quiet_wait_s", "error", "first_error", "log_short", "proto")}
                     log(f"bench: round {rnd} {wl:12s} {t:10s} {json.dumps(brief)}")
         if a.profile:
             outdir = BENCH / "results" if not a.no_save else WORK

@@ -14,6 +14,7 @@
 //	mint     first contact with -names distinct host names (-name-fmt), one request each
 //	big      one download of -path (MB/s)
 //	idle     -c intercepted connections: handshake, one request, then held open
+//	h2       HTTP/2 keep-alive GETs: -c concurrent streams on -conns connections (h2.go)
 //	tunnel   a non-inspecting CONNECT tunnel (baseline target), until stdin closes or -t
 //
 // With -sync, the client does its warm-up (connections opened, one request each), prints one JSON
@@ -58,6 +59,7 @@ type config struct {
 	expectSize int64
 	sync       bool
 	listen     string
+	conns      int
 	pool       *x509.CertPool
 }
 
@@ -78,6 +80,8 @@ type result struct {
 	CPU        float64 `json:"client_cpu_s"`
 	Conns      int     `json:"conns,omitempty"`
 	AliveAfter int     `json:"alive_after,omitempty"`
+	Proto      string  `json:"proto,omitempty"`  // h2: the negotiated ALPN protocol
+	NotH2      string  `json:"not_h2,omitempty"` // h2: why the run could not be made over HTTP/2
 }
 
 type errCounter struct {
@@ -130,7 +134,23 @@ type conn struct {
 
 func (c *conn) Close() { c.tc.Close() }
 
+// dial opens an HTTP/1.1 connection: ALPN offers http/1.1 only, and a server that selected
+// anything else (it must not) is an error, so the HTTP/1.1 modes never measure another protocol.
 func dial(host string) (*conn, error) {
+	tc, err := dialTLS(host, []string{"http/1.1"})
+	if err != nil {
+		return nil, err
+	}
+	if p := tc.ConnectionState().NegotiatedProtocol; p != "" && p != "http/1.1" {
+		tc.Close()
+		return nil, fmt.Errorf("ALPN: server selected %q, not http/1.1", p)
+	}
+	return &conn{tc: tc, br: bufio.NewReaderSize(tc, 64<<10)}, nil
+}
+
+// dialTLS: TCP to the origin, or to the proxy + CONNECT to the origin, then a verified TLS
+// handshake with SNI host offering the ALPN protocols alpn.
+func dialTLS(host string, alpn []string) (*tls.Conn, error) {
 	d := net.Dialer{Timeout: 10 * time.Second}
 	addr := cfg.connect
 	if cfg.proxy != "" {
@@ -161,7 +181,7 @@ func dial(host string) (*conn, error) {
 	tc := tls.Client(raw, &tls.Config{
 		ServerName: host,
 		RootCAs:    cfg.pool,
-		NextProtos: []string{"http/1.1"},
+		NextProtos: alpn,
 		MinVersion: tls.VersionTLS12,
 	})
 	if err := tc.Handshake(); err != nil {
@@ -169,7 +189,7 @@ func dial(host string) (*conn, error) {
 		return nil, fmt.Errorf("TLS handshake (%s): %w", host, err)
 	}
 	raw.SetDeadline(time.Time{})
-	return &conn{tc: tc, br: bufio.NewReaderSize(tc, 64<<10)}, nil
+	return tc, nil
 }
 
 // get sends one GET and reads the whole response. It returns the body size and whether the
@@ -266,6 +286,13 @@ func finish(r *result, lat [][]float64, ec *errCounter, t0 time.Time, cpu0 float
 	emit(r)
 }
 
+// record counts one successful request that started at s and read n body bytes.
+func (r *result) record(lat *[]float64, s time.Time, n int64) {
+	*lat = append(*lat, float64(time.Since(s).Microseconds())/1000)
+	atomic.AddInt64(&r.OK, 1)
+	atomic.AddInt64(&r.Bytes, n)
+}
+
 // ---- modes --------------------------------------------------------------------------------------
 
 // openWarm opens n kept-alive connections, at most par at a time, each with one request done.
@@ -333,9 +360,7 @@ func runKA() {
 					c = nil
 					continue
 				}
-				lat[i] = append(lat[i], float64(time.Since(s).Microseconds())/1000)
-				atomic.AddInt64(&r.OK, 1)
-				atomic.AddInt64(&r.Bytes, n)
+				r.record(&lat[i], s, n)
 				if !reuse {
 					c.Close()
 					c = nil
@@ -402,9 +427,7 @@ func runNewconn(mint bool) {
 					ec.add(err)
 					continue
 				}
-				lat[i] = append(lat[i], float64(time.Since(s).Microseconds())/1000)
-				atomic.AddInt64(&r.OK, 1)
-				atomic.AddInt64(&r.Bytes, n)
+				r.record(&lat[i], s, n)
 			}
 		}(i)
 	}
@@ -535,7 +558,7 @@ func tunnel(c net.Conn) {
 
 func main() {
 	if len(os.Args) < 2 {
-		die("usage: loadclient ka|newconn|mint|big|idle|tunnel [flags]")
+		die("usage: loadclient ka|newconn|mint|big|idle|h2|tunnel [flags]")
 	}
 	cfg.mode = os.Args[1]
 	fs := flag.NewFlagSet(cfg.mode, flag.ExitOnError)
@@ -544,7 +567,8 @@ func main() {
 	fs.StringVar(&cfg.host, "host", "bench.test", "SNI and Host name")
 	fs.StringVar(&cfg.path, "path", "/small", "request path")
 	fs.StringVar(&cfg.caFile, "ca", "", "CA file (PEM) that the server certificate must chain to")
-	fs.IntVar(&cfg.conc, "c", 1, "concurrency (idle: number of connections)")
+	fs.IntVar(&cfg.conc, "c", 1, "concurrency (idle: number of connections; h2: streams in all)")
+	fs.IntVar(&cfg.conns, "conns", 2, "h2: HTTP/2 connections that the -c concurrent streams share")
 	fs.Int64Var(&cfg.n, "n", 1000000, "maximum requests")
 	dur := fs.Float64("t", 10, "maximum seconds of the timed phase (tunnel: lifetime)")
 	fs.IntVar(&cfg.names, "names", 1000, "mint: number of distinct names")
@@ -584,6 +608,8 @@ func main() {
 		runBig()
 	case "idle":
 		runIdle()
+	case "h2":
+		runH2()
 	default:
 		die("unknown mode %q", cfg.mode)
 	}
