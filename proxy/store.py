@@ -9,7 +9,9 @@ the JSON Lines log, with headers and rendered bodies)::
           record TEXT (JSON))
     indexes on start, host and status
 
-Writing (`SqliteSink`) never touches the disk on the caller's thread: `emit` puts the Flow on a
+Writing: the proxy writes through `StoreWriter` (pre-rendered rows, one transaction per batch) in its
+logger process (proxy/logproc.py). `SqliteSink` is the same writer behind a thread, for a program that
+writes flows in-process; it never touches the disk on the caller's thread: `emit` puts the Flow on a
 bounded queue and returns; one writer thread renders the flows and inserts them in transactions of
 up to `batch_size` rows, waiting at most `batch_interval` seconds for a batch to fill. The Flow is
 rendered in the writer thread, not in `emit`: the relay never changes a Flow after emitting it, so
