@@ -6,8 +6,12 @@ Workloads: see WORKLOADS below and bench/README.md. Everything runs on 127.0.0.1
 run is bounded in requests and seconds, and every process started here is stopped here.
 
 CPU placement (2 cores): the proxy under test alone on CPU 1; nginx and the load client on CPU 0.
-The proxy's CPU time is read from /proc/PID/stat (utime+stime, all threads) right before and right
-after the timed phase (the client waits for the harness between its warm-up and the timed phase).
+httpsdump-w2 (--workers 2) is the exception: it is pinned to both CPUs, so it shares CPU 0 with nginx
+and the client (two workers on one CPU would only measure time-slicing).
+The proxy's CPU time is read from /proc (utime+stime, all threads) of the proxy's whole process tree
+(httpsdump's logger process and workers included; children that exited and were reaped count through
+cutime+cstime) right before and right after the timed phase (the client waits for the harness between
+its warm-up and the timed phase). RSS figures are the sum over the same tree.
 """
 from __future__ import annotations
 
@@ -47,9 +51,10 @@ if (os.cpu_count() or 1) < 2:
 # name: (client mode, path, concurrency, extra client args, unit, targets that run it)
 # httpsdump = its defaults plus the issue's flags (JSONL log on; the SQLite flow store, on by default
 # since it exists, goes to a fresh file per run); httpsdump-nostore = the same with --no-store.
-ALL_TARGETS = ["direct", "tunnel", "httpsdump", "httpsdump-nostore", "mitmdump"]
-PROXIES = ["tunnel", "httpsdump", "httpsdump-nostore", "mitmdump"]
-HTTPSDUMP_TARGETS = ["httpsdump", "httpsdump-nostore"]
+# httpsdump-w2 = httpsdump with --workers 2 (pinned to both CPUs; see the docstring).
+ALL_TARGETS = ["direct", "tunnel", "httpsdump", "httpsdump-nostore", "httpsdump-w2", "mitmdump"]
+PROXIES = ["tunnel", "httpsdump", "httpsdump-nostore", "httpsdump-w2", "mitmdump"]
+HTTPSDUMP_TARGETS = ["httpsdump", "httpsdump-nostore", "httpsdump-w2"]
 WORKLOADS = {
     "ka_c1":       dict(mode="ka", path="/small", c=1, unit="req", args=["-expect-size", "100"]),
     "ka_c50":      dict(mode="ka", path="/small", c=50, unit="req", args=["-expect-size", "100"]),
@@ -115,6 +120,51 @@ def status_kib(pid: int, key: str) -> int:
             if line.startswith(key + ":"):
                 return int(line.split()[1])
     return 0
+
+
+def tree_pids(pid: int) -> list[int]:
+    """pid and all its live descendants (httpsdump's logger process and --workers), from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, ()))
+    return out
+
+
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds of a whole process tree: utime+stime of each live process, plus cutime+cstime
+    (children that ended and were reaped). Only differences between two readings are used."""
+    total = 0.0
+    for p in tree_pids(pid):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # ended between the listing and now
+        total += (int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])) / CLK_TCK
+    return total
+
+
+def tree_status_kib(pid: int, key: str) -> int:
+    """Sum of a /proc/PID/status figure (VmRSS, VmHWM) over the process tree: an upper bound, since
+    pages a forked child still shares with its parent count in both."""
+    total = 0
+    for p in tree_pids(pid):
+        try:
+            total += status_kib(p, key)
+        except OSError:
+            pass
+    return total
 
 
 def cpus_busy_s() -> dict[str, float]:
@@ -320,9 +370,17 @@ def httpsdump_has_store(ctx) -> bool:
     return "--no-store" in r.stdout
 
 
+def httpsdump_has_workers(ctx) -> bool:
+    r = subprocess.run([str(HTTPSDUMP_PY), "-m", "proxy", "--help"], cwd=ctx.code, env=ctx.hd_env,
+                       capture_output=True, text=True, timeout=60)
+    return "--workers" in r.stdout
+
+
 class Httpsdump(Target):
     name = "httpsdump"
     store = True
+    cpus = PROXY_CPU
+    extra: tuple[str, ...] = ()
 
     def __init__(self, ctx):
         super().__init__(ctx)
@@ -332,9 +390,9 @@ class Httpsdump(Target):
         self.tmp.mkdir(parents=True)
         self.flows = self.tmp / "flows.jsonl"
         self.stderr_path = self.tmp / "stderr.log"
-        cmd = ["taskset", "-c", PROXY_CPU, str(HTTPSDUMP_PY), "-m", "proxy", "--listen-host", "127.0.0.1",
+        cmd = ["taskset", "-c", self.cpus, str(HTTPSDUMP_PY), "-m", "proxy", "--listen-host", "127.0.0.1",
                "--listen-port", "0", "--confdir", str(conf), "--upstream-ca", str(ctx.pki / "ca.pem"),
-               "--log-file", str(self.flows), "-q"]
+               "--log-file", str(self.flows), "-q", *self.extra]
         if ctx.has_store:  # never let the store accumulate in the confdir from run to run
             cmd += ["--store", str(self.tmp / "flows.sqlite3")] if self.store else ["--no-store"]
         self.cmd = cmd
@@ -402,8 +460,14 @@ class HttpsdumpNoStore(Httpsdump):
     store = False
 
 
+class HttpsdumpW2(Httpsdump):
+    name = "httpsdump-w2"
+    cpus = ",".join(sorted({PROXY_CPU, ORIGIN_CPU}))  # both CPUs: see the module docstring
+    extra = ("--workers", "2")
+
+
 TARGET_CLASSES = {"direct": Target, "tunnel": Tunnel, "httpsdump": Httpsdump, "httpsdump-nostore": HttpsdumpNoStore,
-                  "mitmdump": Mitmdump}
+                  "httpsdump-w2": HttpsdumpW2, "mitmdump": Mitmdump}
 
 
 # ---- one measured run ----------------------------------------------------------------------------
@@ -481,23 +545,23 @@ def measure(ctx, target_name: str, wl_name: str, rnd: int) -> dict:
             ready = cl.line()
             rec["warm"] = ready
             if pid:
-                rec["rss_before_kib"] = status_kib(pid, "VmRSS")
+                rec["rss_before_kib"] = tree_status_kib(pid, "VmRSS")
             if wl["mode"] == "idle":
                 cl.go()
                 opened = cl.line()
                 rec["opened"] = opened
                 time.sleep(1.0)
-                rec["rss_open_kib"] = status_kib(pid, "VmRSS")
+                rec["rss_open_kib"] = tree_status_kib(pid, "VmRSS")
                 rec["kib_per_conn"] = (rec["rss_open_kib"] - rec["rss_before_kib"]) / max(1, wl["c"])
             n_cpu0 = cpu_s(ctx.nginx.pid)
-            p_cpu0 = cpu_s(pid) if pid else 0.0
+            p_cpu0 = tree_cpu_s(pid) if pid else 0.0
             sys0 = cpus_busy_s()
             t0 = time.monotonic()
             cl.go()
             res = cl.line()
             wall = time.monotonic() - t0
             sys1 = cpus_busy_s()
-            p_cpu1 = cpu_s(pid) if pid else 0.0
+            p_cpu1 = tree_cpu_s(pid) if pid else 0.0
             n_cpu1 = cpu_s(ctx.nginx.pid)
         finally:
             cl.close()
@@ -524,7 +588,11 @@ def measure(ctx, target_name: str, wl_name: str, rnd: int) -> dict:
             busy = {c: 100 * (sys1[c] - sys0.get(c, 0)) / max(wall, 1e-9) for c in sys1}
             rec["cpu_busy_pct"] = busy
             proxy_pct = 100 * (p_cpu1 - p_cpu0) / max(wall, 1e-9) if pid else 0.0
-            if PROXY_CPU != ORIGIN_CPU:
+            if PROXY_CPU != ORIGIN_CPU and getattr(target, "cpus", PROXY_CPU) != PROXY_CPU:
+                # the proxy runs on both CPUs: what the two CPUs did beyond client, origin and proxy
+                rec["other_pct"] = max(0.0, busy.get(ORIGIN_CPU, 0) + busy.get(PROXY_CPU, 0)
+                                       - rec["cpu0_busy_pct"] - proxy_pct)
+            elif PROXY_CPU != ORIGIN_CPU:
                 rec["other_pct"] = max(0.0, busy.get(ORIGIN_CPU, 0) - rec["cpu0_busy_pct"]) + \
                     max(0.0, busy.get(PROXY_CPU, 0) - proxy_pct)
             if pid:
@@ -532,8 +600,8 @@ def measure(ctx, target_name: str, wl_name: str, rnd: int) -> dict:
                 rec["proxy_cpu_pct"] = 100 * (p_cpu1 - p_cpu0) / max(wall, 1e-9)
                 rec["cpu_us"] = (p_cpu1 - p_cpu0) * 1e6 / units if units else None
         if pid:
-            rec["rss_after_kib"] = status_kib(pid, "VmRSS")
-            rec["hwm_kib"] = status_kib(pid, "VmHWM")
+            rec["rss_after_kib"] = tree_status_kib(pid, "VmRSS")
+            rec["hwm_kib"] = tree_status_kib(pid, "VmHWM")
             rec["hwm_mib"] = rec["hwm_kib"] / 1024
     finally:
         rec["proxy"] = target.stop()
@@ -798,7 +866,7 @@ def profile(ctx, wl_name: str, seconds: float, outdir: Path, stamp: str) -> Path
         cl = Client(args, budget=seconds + 120)
         try:
             cl.line()
-            spy = subprocess.Popen(["taskset", "-c", CLIENT_CPU, str(PYSPY), "record", "--pid", str(target.pid),
+            spy = subprocess.Popen(["taskset", "-c", CLIENT_CPU, str(PYSPY), "record", "--subprocesses", "--pid", str(target.pid),
                                     "--duration", str(int(seconds)), "--rate", "250", "--format", "raw",
                                     "--output", str(raw), "--nonblocking"],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -901,6 +969,8 @@ def main() -> int:
     ctx.has_store = httpsdump_has_store(ctx)
     if not ctx.has_store:
         ctx.targets = [t for t in ctx.targets if t != "httpsdump-nostore"]
+    if not httpsdump_has_workers(ctx):
+        ctx.targets = [t for t in ctx.targets if t != "httpsdump-w2"]
     WORK.mkdir(parents=True, exist_ok=True)
     make_pki(ctx.pki)
     make_www(WORK / "www")

@@ -68,6 +68,8 @@ def _proxy_parser() -> argparse.ArgumentParser:
                    help="reach every origin through this HTTP proxy with CONNECT: http://[user:pass@]host:port")
     p.add_argument("--client-cert", action="append", metavar="HOSTPATTERN=FILE",
                    help="present FILE (PEM certificate + key) to origins matching HOSTPATTERN (repeatable)")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="serve with N processes on the same port (SO_REUSEPORT); default 1")
     p.add_argument("--redact", action="append", metavar="HEADER",
                    help="replace this header's value in every log, e.g. --redact authorization --redact cookie")
     v = p.add_mutually_exclusive_group()
@@ -119,7 +121,7 @@ def _load(args) -> "Config":
     overrides = {"confdir": args.confdir}
     for key in ("listen_host", "listen_port", "log_file", "insecure", "proxy_auth", "allow_any_client", "redact",
                 "ignore_hosts", "allow_hosts", "upstream_proxy", "client_cert", "store", "store_path", "har_file", "keylog_file",
-                "http2"):
+                "http2", "workers"):
         overrides[key] = getattr(args, key, None)
     if getattr(args, "quiet", False):
         overrides["verbosity"] = 0
@@ -156,23 +158,27 @@ def _run_proxy(args) -> int:
     logging.getLogger("asyncio").setLevel(logging.WARNING)
     from ca.authority import load_or_create
 
-    from .server import ProxyServer, is_loopback
-    from .sinks.console import ConsoleSink
-    from .sinks.jsonl import JsonlSink
+    from .logproc import LogSpec, start_logger
 
     ca = load_or_create(config.confdir_path, key_type=config.ca_key_type)
-    sinks = [ConsoleSink(sys.stdout, config.verbosity)]
-    if config.log_file:
-        sinks.append(JsonlSink(config.log_file))
-    if config.store:
-        from .store import SqliteSink, default_store_path
+    # The JSONL log, the store and the HAR file belong to the logger process (proxy/logproc.py).
+    spec = LogSpec.from_config(config)
+    logger = None if spec.empty else start_logger(spec, config.workers)
+    logger_failed = 0
+    try:
+        code = _run_proxy_with(config, ca, spec, logger)
+    finally:
+        if logger is not None:
+            for channel in logger.channels:
+                channel.close()  # the logger stops once every channel is closed, after writing all
+            logger_failed = logger.wait()
+    return code or logger_failed  # 1 when the logger failed: flows may be missing
 
-        sinks.append(SqliteSink(config.store_path or default_store_path(config.confdir_path),
-                                max_flows=config.store_max_flows, max_bytes=config.store_max_bytes))
-    if config.har_file:
-        from .har import HarFileSink
 
-        sinks.append(HarFileSink(config.har_file))
+def _run_proxy_with(config, ca, spec, logger) -> int:
+    from .server import ProxyServer, is_loopback
+    from .sinks.console import ConsoleSink
+
     keylog = None
     keylog_path = config.keylog_file or os.environ.get("SSLKEYLOGFILE")
     if keylog_path:
@@ -181,6 +187,15 @@ def _run_proxy(args) -> int:
         keylog = KeyLog(keylog_path)
         log.warning("writing TLS session keys to %s: anyone who reads it can decrypt the captured traffic",
                     keylog.path)
+    if config.workers > 1:
+        from .workers import run_workers
+
+        return run_workers(config, ca, logger, columns=bool(spec.store_path), keylog=keylog)
+    sinks = [ConsoleSink(sys.stdout, config.verbosity)]
+    if logger is not None:
+        from .logproc import LogChannel
+
+        sinks.append(LogChannel(logger.channels[0], columns=bool(spec.store_path)))
     try:
         server = ProxyServer(config, ca, sinks, keylog=keylog)
     except (FileNotFoundError, ValueError) as e:

@@ -57,6 +57,7 @@ class Config:
     har_file: str | None = None  # also write a HAR 1.2 file, kept valid after every flow
     keylog_file: str | None = None  # NSS key log for both TLS sides (default: $SSLKEYLOGFILE)
     event_loop: str = "auto"  # "auto" (uvloop when installed), "uvloop" or "asyncio"
+    workers: int = 1  # processes accepting on the same port (SO_REUSEPORT); one logger serves them all
     extra: dict = field(default_factory=dict, compare=False, repr=False)  # never set from TOML
 
     @property

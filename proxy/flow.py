@@ -47,6 +47,16 @@ def dumps(record: dict) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+def loads(text: bytes | str):
+    """Parse JSON text (a record, as `dumps` wrote it): orjson when installed, the stdlib otherwise."""
+    if _orjson is not None:
+        try:
+            return _orjson.loads(text)
+        except _orjson.JSONDecodeError:  # e.g. the escape of a lone surrogate, which the stdlib reads
+            pass
+    return json.loads(text)
+
+
 def _latin1(b: bytes) -> str:
     return b.decode("latin-1")
 

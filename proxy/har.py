@@ -421,19 +421,29 @@ class HarFileSink:
 
     def emit(self, flow: Flow) -> None:
         try:
-            entry = _entry_bytes(flow.to_dict(decode_body=render_body))
+            record = flow.to_dict(decode_body=render_body)
         except Exception:  # a rendering bug must not cost the relay a flow; say so loudly
             log.exception("HAR sink could not render flow %s", getattr(flow, "id", "?"))
             return
+        self.write_record(record)
+
+    def write_record(self, record: dict) -> None:
+        """Append the entry of one flow record (as the logger process receives it)."""
+        flow_id = record.get("id", "?")
+        try:
+            entry = _entry_bytes(record)
+        except Exception:  # a rendering bug must not cost the relay a flow; say so loudly
+            log.exception("HAR sink could not render flow %s", flow_id)
+            return
         with self._lock:
             if self._fd is None:
-                log.warning("HAR sink %s: flow %s emitted after close; dropped", self.path, flow.id)
+                log.warning("HAR sink %s: flow %s emitted after close; dropped", self.path, flow_id)
                 return
             data = (b",\n" if self._has_entries else b"\n") + entry + _TAIL
             try:
                 self._pwrite_all(data, self._end)
             except OSError as e:
-                log.error("HAR sink %s: cannot write flow %s: %s", self.path, flow.id, e.strerror or e)
+                log.error("HAR sink %s: cannot write flow %s: %s", self.path, flow_id, e.strerror or e)
                 try:  # put the closing brackets back where they were: the file stays valid
                     self._pwrite_all(_TAIL, self._end)
                     os.ftruncate(self._fd, self._end + len(_TAIL))

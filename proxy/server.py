@@ -41,12 +41,13 @@ def is_loopback(host: str) -> bool:
 
 class ProxyServer:
     def __init__(self, config: Config, ca: CA, sinks: Sequence, *, wall: Callable[[], float] = time.time,
-                 keylog=None) -> None:
+                 keylog=None, leaf_key=None) -> None:
         self.config = config
         self._keylog = keylog.write if keylog is not None else None
         self.sinks = list(sinks)
         self._wall = wall
-        self._leaf_key = new_leaf_key()  # one key per run for every minted leaf (design.md)
+        # One key per run for every minted leaf (design.md); --workers share the parent's.
+        self._leaf_key = leaf_key if leaf_key is not None else new_leaf_key()
         self._ca = ca
         self.leaf_contexts = LeafStore(self._make_leaf_context, cap=config.leaf_cache_size)
         # One shared verifying context: the trust store is loaded once (notes §1.5); plus one per
@@ -69,6 +70,11 @@ class ProxyServer:
         # thread before any sink's own thread can see the flow; the console renders its own line.
         self._render = any(getattr(s, "writes_records", True) for s in self.sinks)
         _raise_fd_limit()
+
+    def add_sink(self, sink) -> None:
+        """A sink known only after the server is made (a --workers worker's own log channel)."""
+        self.sinks.append(sink)
+        self._render = self._render or getattr(sink, "writes_records", True)
 
     def upstream_ctx_for(self, host: str):
         for patterns, ctx in self._client_cert_ctxs:
@@ -123,11 +129,14 @@ class ProxyServer:
             hosts=HostPolicy(ignore=HostPatterns(c.ignore_hosts), allow=HostPatterns(c.allow_hosts)),
         )
 
-    async def start(self) -> None:
+    async def start(self, port: int | None = None, reuse_port: bool = False) -> None:
+        """Listen on the configured address (or `port`); `reuse_port` (SO_REUSEPORT) lets --workers
+        listen on the same port, each with its own accept queue."""
         c = self.config
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _ClientConn(self._on_client), c.listen_host, c.listen_port,
-                                                reuse_address=True)
+        self._server = await loop.create_server(lambda: _ClientConn(self._on_client), c.listen_host,
+                                                c.listen_port if port is None else port, reuse_address=True,
+                                                reuse_port=reuse_port or None)
         sock = self._server.sockets[0]
         self.port = sock.getsockname()[1]
         own = {(c.listen_host, self.port), ("127.0.0.1", self.port), ("localhost", self.port), ("::1", self.port)}

@@ -9,7 +9,9 @@ the JSON Lines log, with headers and rendered bodies)::
           record TEXT (JSON))
     indexes on start, host and status
 
-Writing (`SqliteSink`) never touches the disk on the caller's thread: `emit` puts the Flow on a
+Writing: the proxy writes through `StoreWriter` (pre-rendered rows, one transaction per batch) in its
+logger process (proxy/logproc.py). `SqliteSink` is the same writer behind a thread, for a program that
+writes flows in-process; it never touches the disk on the caller's thread: `emit` puts the Flow on a
 bounded queue and returns; one writer thread renders the flows and inserts them in transactions of
 up to `batch_size` rows, waiting at most `batch_interval` seconds for a batch to fill. The Flow is
 rendered in the writer thread, not in `emit`: the relay never changes a Flow after emitting it, so
@@ -59,7 +61,7 @@ from .flow import Flow
 __all__ = [
     "STORE_FILENAME", "DEFAULT_MAX_FLOWS", "DEFAULT_MAX_BYTES", "default_store_path",
     "StoreError", "UnknownFlow", "AmbiguousFlow", "FlowFilter", "FlowStore", "open_store", "SqliteSink",
-    "record_json", "record_columns",
+    "record_json", "record_columns", "StoreWriter",
 ]
 
 log = logging.getLogger(__name__)
@@ -577,6 +579,83 @@ def _close_open_sinks() -> None:  # flush what is queued if the program ends wit
             pass
 
 
+class StoreWriter:
+    """The synchronous half of the store: pre-rendered rows in, one transaction per `write_rows` call
+    (retried three times, then dropped, counted and logged), retention checked as rows go in.
+
+    Used by `SqliteSink`'s writer thread and by the logger process (proxy/logproc.py), which receives
+    rows already rendered by the workers. Not thread-safe: one writer at a time.
+    """
+
+    def __init__(self, path: str, *, max_flows: int = DEFAULT_MAX_FLOWS, max_bytes: int = DEFAULT_MAX_BYTES,
+                 retention_every: int = 500) -> None:
+        if max_flows < 1 or max_bytes < 1:
+            raise ConfigError("flow store limits must be positive")
+        self.path = os.path.expanduser(os.fspath(path))
+        self.conn = _connect(self.path, readonly=False)
+        self._retention = _Retention(max_flows, max_bytes, retention_every)
+        self.written = 0
+        self.dropped = 0
+
+    @property
+    def deleted(self) -> int:
+        return self._retention.deleted
+
+    def write_rows(self, rows: list[tuple], nbytes: int) -> int:
+        """Insert `rows` ((id, *record_columns, text) each) in one transaction; returns how many were
+        dropped (0, or all of them after the retries failed)."""
+        if not rows:
+            return 0
+        conn = self.conn
+        delays = (0.1, 0.5, 2.0)
+        for attempt in range(len(delays) + 1):
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    if _BATCH_INSERT_OK:
+                        conn.execute(_INSERT_BATCH, (dumps_rows(rows),))
+                    else:
+                        conn.executemany(_INSERT, rows)
+                    conn.execute("COMMIT")
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+                break
+            except sqlite3.Error as e:
+                if attempt == len(delays):
+                    self.dropped += len(rows)
+                    log.error("flow store %s: cannot store %d flows: %s (%d dropped so far)", self.path,
+                              len(rows), e, self.dropped)
+                    return len(rows)
+                log.warning("flow store %s: write failed (%s); retrying", self.path, e)
+                time.sleep(delays[attempt])
+        self.written += len(rows)
+        if self._retention.note(len(rows), nbytes):
+            self.enforce_retention()
+        return 0
+
+    def enforce_retention(self) -> None:
+        try:
+            removed = self._retention.enforce(self.conn)
+        except sqlite3.Error as e:
+            log.warning("flow store %s: retention check failed: %s", self.path, e)
+            return
+        if removed:
+            log.debug("flow store %s: retention removed %d old flows", self.path, removed)
+        try:
+            _tighten_side_files(self.path)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        try:
+            self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error:
+            pass
+        self.conn.close()
+
+
 class SqliteSink:
     """A Sink that keeps every flow in the flow store at `path` (see the module docstring).
 
@@ -591,13 +670,13 @@ class SqliteSink:
                  retention_every: int = 500, render: Callable[..., dict] = render_body) -> None:
         if max_flows < 1 or max_bytes < 1 or batch_size < 1 or queue_flows < 1 or queue_bytes < 1:
             raise ConfigError("flow store limits must be positive")
-        self.path = os.path.expanduser(os.fspath(path))
-        self._conn = _connect(self.path, readonly=False)
+        self._writer = StoreWriter(path, max_flows=max_flows, max_bytes=max_bytes, retention_every=retention_every)
+        self.path = self._writer.path
+        self._conn = self._writer.conn
         self._render = render
         self._batch_size, self._batch_interval = batch_size, batch_interval
         self._batch_bytes = max(queue_bytes // 8, 1 << 20)
         self._queue_flows, self._queue_bytes, self._block_timeout = queue_flows, queue_bytes, block_timeout
-        self._retention = _Retention(max_flows, max_bytes, retention_every)
         self._cond = threading.Condition()
         self._pending: collections.deque[tuple[Flow, int]] = collections.deque()
         self._pending_bytes = 0
@@ -605,7 +684,6 @@ class SqliteSink:
         self._closed = False
         self._writer_dead = False
         self._stalled = False
-        self.written = 0
         self.dropped = 0
         self._taken_count = 0  # flows taken off the queue by the writer
         self._done_count = 0  # of those, the ones finished (committed, or dropped and logged)
@@ -624,7 +702,12 @@ class SqliteSink:
     @property
     def deleted(self) -> int:
         """Flows removed by retention since the sink opened."""
-        return self._retention.deleted
+        return self._writer.deleted
+
+    @property
+    def written(self) -> int:
+        """Rows committed."""
+        return self._writer.written
 
     # -- the caller's side -
 
@@ -724,15 +807,15 @@ class SqliteSink:
             return batch
 
     def _run(self) -> None:
-        conn = self._conn
         try:
-            self._enforce_retention(conn)
+            self._writer.enforce_retention()
             while True:
                 batch = self._next_batch()
                 if batch is None:
                     break
                 try:
-                    self._write(conn, [f for f, _ in batch])
+                    rows, nbytes = self._render_rows([f for f, _ in batch])
+                    self._count_dropped(self._writer.write_rows(rows, nbytes))
                 finally:
                     with self._cond:
                         self._done_count += len(batch)
@@ -748,11 +831,7 @@ class SqliteSink:
                 self._done_count = self._taken_count = self._taken_count + lost
                 self._cond.notify_all()
         finally:
-            try:
-                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            except sqlite3.Error:
-                pass
-            conn.close()
+            self._writer.close()
 
     def _count_dropped(self, n: int) -> int:
         with self._cond:
@@ -775,47 +854,3 @@ class SqliteSink:
                 log.exception("flow store %s: cannot render flow %s; not stored", self.path,
                               getattr(flow, "id", "?"))
         return rows, nbytes
-
-    def _write(self, conn: sqlite3.Connection, flows: list[Flow]) -> None:
-        rows, nbytes = self._render_rows(flows)
-        if not rows:
-            return
-        delays = (0.1, 0.5, 2.0)
-        for attempt in range(len(delays) + 1):
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    if _BATCH_INSERT_OK:
-                        conn.execute(_INSERT_BATCH, (dumps_rows(rows),))
-                    else:
-                        conn.executemany(_INSERT, rows)
-                    conn.execute("COMMIT")
-                except BaseException:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                    raise
-                break
-            except sqlite3.Error as e:
-                if attempt == len(delays):
-                    total = self._count_dropped(len(rows))
-                    log.error("flow store %s: cannot store %d flows: %s (%d dropped so far)", self.path,
-                              len(rows), e, total)
-                    return
-                log.warning("flow store %s: write failed (%s); retrying", self.path, e)
-                time.sleep(delays[attempt])
-        self.written += len(rows)
-        if self._retention.note(len(rows), nbytes):
-            self._enforce_retention(conn)
-
-    def _enforce_retention(self, conn: sqlite3.Connection) -> None:
-        try:
-            removed = self._retention.enforce(conn)
-        except sqlite3.Error as e:
-            log.warning("flow store %s: retention check failed: %s", self.path, e)
-            return
-        if removed:
-            log.debug("flow store %s: retention removed %d old flows", self.path, removed)
-        try:
-            _tighten_side_files(self.path)
-        except OSError:
-            pass

@@ -49,6 +49,15 @@ class JsonlSink:
                 return
             self._write(data, flow.id)
 
+    def write_lines(self, data: bytes, count: int) -> None:
+        """Append `count` whole lines at once (the logger process's batches): one write, and a batch
+        that cannot be written completely is cut off again, so no line is ever left half-written."""
+        with self._lock:
+            if self._fd is None:
+                log.warning("JSONL sink %s: %d flows written after close; dropped", self.path, count)
+                return
+            self._write(data, f"batch of {count}")
+
     def _write(self, data: bytes, flow_id: str) -> None:
         start, view = -1, memoryview(data)
         try:
