@@ -156,14 +156,19 @@ def _run_proxy(args) -> int:
     logging.basicConfig(level=logging.DEBUG if config.verbosity > 1 else logging.INFO,
                         format="httpsdump: %(message)s", stream=sys.stderr)
     logging.getLogger("asyncio").setLevel(logging.WARNING)
-    from ca.authority import load_or_create
-
     from .logproc import LogSpec, start_logger
 
-    ca = load_or_create(config.confdir_path, key_type=config.ca_key_type)
-    # The JSONL log, the store and the HAR file belong to the logger process (proxy/logproc.py).
+    # With the flow store or several workers, the outputs (JSONL log, store, HAR file) belong to a
+    # logger process (proxy/logproc.py): the store's SQLite work then runs beside the relay, not in
+    # its GIL. A single worker with no store writes its JSONL log and HAR file itself: a second
+    # process would cost more memory than the plain appends it takes over (measured in bench/).
+    # It is forked before the CA and TLS libraries are loaded, so it shares (and copies) less.
     spec = LogSpec.from_config(config)
-    logger = None if spec.empty else start_logger(spec, config.workers)
+    use_logger = not spec.empty and (config.workers > 1 or spec.store_path is not None)
+    logger = start_logger(spec, config.workers) if use_logger else None
+    from ca.authority import load_or_create
+
+    ca = load_or_create(config.confdir_path, key_type=config.ca_key_type)
     logger_failed = 0
     try:
         code = _run_proxy_with(config, ca, spec, logger)
@@ -196,6 +201,15 @@ def _run_proxy_with(config, ca, spec, logger) -> int:
         from .logproc import LogChannel
 
         sinks.append(LogChannel(logger.channels[0], columns=bool(spec.store_path)))
+    else:
+        if config.log_file:
+            from .sinks.jsonl import JsonlSink
+
+            sinks.append(JsonlSink(config.log_file))
+        if config.har_file:
+            from .har import HarFileSink
+
+            sinks.append(HarFileSink(config.har_file))
     try:
         server = ProxyServer(config, ca, sinks, keylog=keylog)
     except (FileNotFoundError, ValueError) as e:

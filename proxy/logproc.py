@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import select
@@ -312,7 +313,9 @@ def start_logger(spec: LogSpec, workers: int = 1, *, ready_timeout: float = 60.0
     would have, before any worker starts. Call it while the process has no other threads."""
     pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(workers)]
     ready_r, ready_w = os.pipe()
+    gc.freeze()  # the collector leaves pre-fork objects alone: fewer shared pages copied on write
     pid = os.fork()
+    gc.unfreeze()
     if pid == 0:  # the logger
         code = 1
         try:

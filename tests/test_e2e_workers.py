@@ -132,8 +132,9 @@ def test_workers_must_be_positive():
     assert "config key 'workers': must be positive" in err and "Traceback" not in err
 
 
-def test_the_logger_dying_is_visible_and_the_proxy_keeps_relaying(start_proxy, origin, token):
-    proxy = start_proxy("--no-store", verbose=False)
+def test_the_logger_dying_is_visible_and_the_proxy_keeps_relaying(start_proxy, origin, token, tmp_path):
+    # one worker has a logger process when it keeps a flow store (without one it writes the log itself)
+    proxy = start_proxy("--store", str(tmp_path / "flows.sqlite3"), verbose=False)
     children = open(f"/proc/{proxy.pid}/task/{proxy.pid}/children").read().split()
     [logger] = [int(c) for c in children]
     os.kill(logger, signal.SIGKILL)
@@ -146,3 +147,12 @@ def test_the_logger_dying_is_visible_and_the_proxy_keeps_relaying(start_proxy, o
     assert proxy.proc.wait(20) == 1
     _exited_on_purpose(proxy)
     assert "flows were not logged" in proxy.stderr_text()
+
+
+def test_one_worker_without_a_store_writes_its_log_itself(start_proxy, origin, token):
+    """No logger process when it would only take over plain appends (it costs ~10 MiB)."""
+    proxy = start_proxy("--no-store")
+    assert open(f"/proc/{proxy.pid}/task/{proxy.pid}/children").read().split() == []
+    r = proxy.curl(*https("good.test", origin, f"/hello?t={token}"))
+    assert r.rc == 0, str(r)
+    assert token in proxy.flow()["request"]["target"]
