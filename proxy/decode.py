@@ -174,21 +174,19 @@ def _content_type(value: bytes | None) -> tuple[str | None, str | None]:
     return media.strip().lower() or None, charset
 
 
-def _content_encoding(message: Message) -> str | None:
-    # RFC 9110 §5.3: repeated field lines combine into one comma-separated list, in order.
-    values = [v.decode("latin-1").strip() for k, v in message.headers
-              if k.lower() == b"content-encoding"]
-    return ", ".join(values) if values else None
-
-
 def _is_text_type(media: str | None) -> bool:
     return bool(media) and (media.startswith("text/") or media in _TEXT_TYPES
                             or media.endswith(("+json", "+xml")))
 
 
+_UTF8_LABELS = frozenset({None, "utf-8", "UTF-8", "utf8", "UTF8"})
+
+
 def _decode_text(data: bytes, charset: str | None, partial: bool) -> str:
     # A byte order mark outranks the label (WHATWG Encoding, "decode"); without a label, UTF-8
     # (RFC 9110 dropped HTTP/1.1's ISO-8859-1 default, RFC 7231 Appendix B).
+    if not partial and charset in _UTF8_LABELS and data[:1] not in b"\xef\xff\xfe":
+        return data.decode("utf-8", "replace")  # the common case, without codec lookups (per flow)
     for bom, name in _BOMS:
         if data.startswith(bom):
             charset, data = name, data[len(bom):]
@@ -209,7 +207,7 @@ def _decode_text(data: bytes, charset: str | None, partial: bool) -> str:
 
 def _sniff_utf8(data: bytes, partial: bool) -> str | None:
     try:
-        text = codecs.getincrementaldecoder("utf-8")().decode(data, final=not partial)
+        text = data.decode("utf-8") if not partial else codecs.getincrementaldecoder("utf-8")().decode(data)
     except UnicodeDecodeError:
         return None
     return None if _JUNK.search(text) else text
@@ -234,8 +232,18 @@ class _Look:
 def _look(message: Message, limit: int) -> _Look:
     body = message.body
     raw = bytes(body.captured)
-    media, charset = _content_type(message.header(b"content-type"))
-    encoding = _content_encoding(message)
+    ctype = None
+    cenc = []
+    for k, v in message.headers:  # one pass for both fields (this runs for every flow)
+        lk = k.lower()
+        if lk == b"content-type":
+            if ctype is None:
+                ctype = v
+        elif lk == b"content-encoding":
+            cenc.append(v)
+    media, charset = _content_type(ctype)
+    # RFC 9110 §5.3: repeated field lines combine into one comma-separated list, in order.
+    encoding = ", ".join(v.decode("latin-1").strip() for v in cenc) if cenc else None
     payload, partial = raw[:limit], body.truncated or len(raw) > limit
     decoded_size = error = None
     if raw and any(c != "identity" for c in _codings(encoding)):

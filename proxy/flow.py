@@ -57,10 +57,6 @@ def loads(text: bytes | str):
     return json.loads(text)
 
 
-def _latin1(b: bytes) -> str:
-    return b.decode("latin-1")
-
-
 @dataclass(slots=True)
 class Body:
     """A body as relayed: its true size, and a captured prefix (up to the configured cap)."""
@@ -214,10 +210,10 @@ class Flow:
         def msg(m: Message) -> dict:
             d: dict[str, Any] = {
                 "http_version": m.http_version,
-                "headers": [[_latin1(k), _latin1(v)] for k, v in m.headers],
+                "headers": [[k.decode("latin-1"), v.decode("latin-1")] for k, v in m.headers],
             }
             if m.trailers:
-                d["trailers"] = [[_latin1(k), _latin1(v)] for k, v in m.trailers]
+                d["trailers"] = [[k.decode("latin-1"), v.decode("latin-1")] for k, v in m.trailers]
             if decode_body is not None:
                 d["body"] = decode_body(m)
             else:

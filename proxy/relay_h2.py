@@ -67,8 +67,7 @@ async def relay_h2(client, up, *, new_flow: Callable[[int], Flow], emit: Callabl
                 if name == "client" and not bridge.idle:
                     data = await stream.recv()  # the client may think for as long as streams are open
                 else:
-                    async with asyncio.timeout(timeout):
-                        data = await stream.recv()
+                    data = await stream.recv(timeout)
             except TimeoutError:
                 if name == "client":
                     bridge.close_idle()

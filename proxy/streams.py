@@ -42,6 +42,7 @@ class Conn(asyncio.Protocol):
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._chunks: collections.deque[bytes] = collections.deque()
         self._size = 0
         self._eof = False
@@ -54,6 +55,9 @@ class Conn(asyncio.Protocol):
     # --- protocol callbacks ---------------------------------------------------------------------
     def connection_made(self, transport) -> None:
         self.transport = transport
+        # Kept: asyncio.get_running_loop() is a getpid() system call on every use (Python 3.11's fork
+        # check), and asyncio.timeout() makes several; per request they showed in the profile.
+        self._loop = asyncio.get_running_loop()
         with contextlib.suppress(OSError, AttributeError, TypeError):
             transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
@@ -92,16 +96,20 @@ class Conn(asyncio.Protocol):
             w.set_result(None)
 
     # --- for the streams ----------------------------------------------------------------------
-    async def read(self) -> bytes:
-        """The next received bytes, or b"" at end of stream."""
+    async def read(self, timeout: float | None = None) -> bytes:
+        """The next received bytes, or b"" at end of stream. TimeoutError when nothing arrived within
+        `timeout` seconds (a timer on the loop: cheaper than asyncio.timeout() around the call)."""
         if not self._chunks:
             if self._eof:
                 return b""
-            self._waiter = asyncio.get_running_loop().create_future()
+            waiter = self._waiter = self._loop.create_future()
+            timer = None if timeout is None else self._loop.call_later(timeout, _expire, waiter)
             try:
-                await self._waiter
+                await waiter
             finally:
                 self._waiter = None
+                if timer is not None:
+                    timer.cancel()
             if not self._chunks:
                 return b""
         data = self._chunks.popleft() if len(self._chunks) == 1 else b"".join(self._chunks)
@@ -124,7 +132,7 @@ class Conn(asyncio.Protocol):
         if self._lost:
             raise ConnectionResetError("connection lost")
         if self._writing_paused:
-            self._drain_waiter = asyncio.get_running_loop().create_future()
+            self._drain_waiter = self._loop.create_future()
             try:
                 await self._drain_waiter
             finally:
@@ -168,6 +176,11 @@ class Conn(asyncio.Protocol):
                 self._drain_waiter = None
 
 
+def _expire(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
+
+
 async def open_connection(host: str, port: int) -> Conn:
     loop = asyncio.get_running_loop()
     _, conn = await loop.create_connection(Conn, host, port)
@@ -184,11 +197,12 @@ class PlainStream:
         self.bytes_in = 0
         self.bytes_out = 0
 
-    async def recv(self) -> bytes:
+    async def recv(self, timeout: float | None = None) -> bytes:
+        """Next bytes (b"" at the end); TimeoutError after `timeout` seconds without any."""
         if self._pending:
             data, self._pending = self._pending, b""
             return data
-        data = await self.conn.read()
+        data = await self.conn.read(timeout)
         self.bytes_in += len(data)
         return data
 
@@ -234,8 +248,8 @@ class TLSStream:
         if out and not self.conn.is_closing():
             self.conn.transport.write(out)
 
-    async def _fill(self) -> None:
-        data = await self.conn.read()
+    async def _fill(self, timeout: float | None = None) -> None:
+        data = await self.conn.read(timeout)
         if data:
             self.engine.receive(data)
         else:
@@ -256,7 +270,9 @@ class TLSStream:
                 raise TLSFailure("connection closed during the TLS handshake", self.engine.verify_code, eof=True)
             await self._fill()
 
-    async def recv(self) -> bytes:
+    async def recv(self, timeout: float | None = None) -> bytes:
+        """Next plaintext (b"" at the end); TimeoutError when no bytes at all arrived for `timeout`
+        seconds (each wait for the network is bounded: a record trickling in keeps it alive)."""
         engine = self.engine
         while True:
             if engine.has_input():
@@ -276,7 +292,7 @@ class TLSStream:
             if self._eof:
                 self.truncated = True
                 return b""
-            await self._fill()
+            await self._fill(timeout)
 
     async def send(self, data: bytes) -> None:
         if data:
