@@ -27,6 +27,7 @@ class Config:
     confdir: str = "~/.httpsdump"
     upstream_ca: tuple[str, ...] = ()
     insecure: bool = False
+    upstream_tls_resumption: bool = True  # resume sessions of verified origins (proxy/tls/sessions.py)
     http2: bool = True  # mirror the client's ALPN offer to the origin; h2 on both sides when both speak it
     log_file: str | None = None
     verbosity: int = 1  # 0 = -q, 1 = one line per flow, 2 = -v

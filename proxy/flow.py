@@ -136,6 +136,7 @@ class TlsSide:
     verify_code: int | None = None
     verify_result: str | None = None
     cert: CertInfo | None = None
+    resumed: bool = False  # upstream: a resumed session (its certificate was verified on an earlier connection)
 
     def to_dict(self, client: bool) -> dict:
         # Written out rather than dataclasses.asdict(): this runs for every flow, and asdict's deep
@@ -145,7 +146,7 @@ class TlsSide:
         if client:
             return d
         c = self.cert
-        d.update(verified=self.verified, insecure=self.insecure, verify_code=self.verify_code,
+        d.update(verified=self.verified, insecure=self.insecure, resumed=self.resumed, verify_code=self.verify_code,
                  verify_result=self.verify_result,
                  cert=None if c is None else {"subject": c.subject, "issuer": c.issuer, "sans": list(c.sans),
                                               "sha256": c.sha256, "not_before": c.not_before,

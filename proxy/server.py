@@ -52,12 +52,14 @@ class ProxyServer:
         self.leaf_contexts = LeafStore(self._make_leaf_context, cap=config.leaf_cache_size)
         # One shared verifying context: the trust store is loaded once (notes §1.5); plus one per
         # --client-cert file, chosen by host pattern (first match wins).
-        self.upstream_ctx = upstream_context(config.upstream_ca, insecure=config.insecure, keylog=self._keylog)
+        self.upstream_ctx = upstream_context(config.upstream_ca, insecure=config.insecure, keylog=self._keylog,
+                                             resumption=config.upstream_tls_resumption)
         self._client_cert_ctxs: list[tuple[HostPatterns, object]] = []
         for item in config.client_cert:
             pattern, _, path = item.partition("=")
             ctx = upstream_context(config.upstream_ca, insecure=config.insecure,
-                                   client_cert=os.path.expanduser(path.strip()), keylog=self._keylog)
+                                   client_cert=os.path.expanduser(path.strip()), keylog=self._keylog,
+                                   resumption=config.upstream_tls_resumption)
             self._client_cert_ctxs.append((HostPatterns([pattern]), ctx))
         self._upstream_proxy = UpstreamProxy.parse(config.upstream_proxy) if config.upstream_proxy else None
         self._server: asyncio.base_events.Server | None = None

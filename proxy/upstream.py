@@ -137,8 +137,11 @@ class Upstream:
     async def _tls(self, conn: Conn) -> None:
         pol = self._policy
         t1 = self._clock()
-        engine = TLSEngine(self._ctx_for(self.tls_name), server_side=False, hostname=self.tls_name,
-                           sni=self.sni, alpn=self.alpn)
+        ctx = self._ctx_for(self.tls_name)
+        sessions = getattr(ctx, "_httpsdump_sessions", None)  # tls/sessions.py, unless turned off
+        key = (self.tls_name, self.port, self.sni, self.alpn)
+        engine = TLSEngine(ctx, server_side=False, hostname=self.tls_name, sni=self.sni, alpn=self.alpn,
+                           sessions=sessions, session_key=key)
         stream = TLSStream(conn, engine, error=UpstreamProtocolError)
         side = TlsSide(sni=self.tls_name if (self.sni and not is_ip(self.tls_name)) else None, insecure=pol.insecure,
                        alpn_offer=tuple(self.alpn))
@@ -155,6 +158,12 @@ class Upstream:
             engine.free()
             raise err from None
         self.tls_ms = (self._clock() - t1) * 1000
+        if sessions is not None:
+            if engine.session_reused:  # no certificate this time: the one the session was verified with
+                side.resumed = True
+                engine.leaf_der = sessions.leaf(key)
+            elif engine.verify_code == 0:
+                sessions.remember_leaf(key, engine.leaf_der)
         _record_cert(side, engine, engine.verify_code)
         side.version, side.cipher, side.alpn = engine.version, engine.cipher, engine.alpn
         if pol.insecure and engine.verify_code:

@@ -18,6 +18,7 @@ from M2Crypto import SSL, X509, m2
 
 from ..errors import CertificateError, CertReason, ClientTLSError, UpstreamTLSError
 from . import openssl_ext
+from .sessions import SessionCache
 from .engine import TLSFailure
 
 __all__ = ["upstream_context", "server_context", "upstream_failure", "describe_names"]
@@ -38,7 +39,7 @@ def _hardened() -> SSL.Context:
 
 
 def upstream_context(extra_cafiles: tuple[str, ...] = (), *, insecure: bool = False,
-                     client_cert: str | None = None, keylog=None) -> SSL.Context:
+                     client_cert: str | None = None, keylog=None, resumption: bool = True) -> SSL.Context:
     """Verifying client context: the system trust store plus `extra_cafiles` (never instead of it).
     With `insecure`, verification still runs (its result is logged) but does not stop the
     handshake; the caller must log that choice."""
@@ -53,7 +54,11 @@ def upstream_context(extra_cafiles: tuple[str, ...] = (), *, insecure: bool = Fa
     m2.ssl_ctx_set_verify_depth(ctx.ctx, 9)
     mode = openssl_ext.SSL_VERIFY_NONE if insecure else openssl_ext.SSL_VERIFY_PEER
     openssl_ext.ctx_set_verify(ctx, mode)
-    m2.ssl_ctx_set_session_cache_mode(ctx.ctx, 0)  # no client session cache: each CONNECT verifies
+    if resumption:  # sessions of verified connections are resumed (tls/sessions.py)
+        ctx._httpsdump_sessions = SessionCache()
+        ctx._httpsdump_sessions.install(ctx)
+    else:
+        m2.ssl_ctx_set_session_cache_mode(ctx.ctx, 0)  # no client sessions: each connection verifies in full
     if keylog is not None:
         openssl_ext.ctx_set_keylog(ctx, keylog)
     if client_cert is not None:

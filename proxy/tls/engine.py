@@ -79,7 +79,8 @@ class TLSEngine:
     """A TLS endpoint in client mode (`server_side=False`: the proxy talking to an origin) or server
     mode (the proxy talking to the browser). Not thread-safe; one per connection."""
 
-    __slots__ = ("_ctx", "_ssl", "_rb", "_wb", "server_side", "handshake_done", "_closed", "hostname", "leaf_der")
+    __slots__ = ("_ctx", "_ssl", "_rb", "_wb", "server_side", "handshake_done", "_closed", "hostname", "leaf_der",
+                 "_sessions")
 
     def __init__(
         self,
@@ -89,6 +90,8 @@ class TLSEngine:
         hostname: str | None = None,
         sni: bool = True,
         alpn: tuple[str, ...] = (),
+        sessions=None,  # client mode: a tls.sessions.SessionCache to resume from and feed
+        session_key: tuple = (),
     ) -> None:
         self._ctx = ctx  # keeps the SSL_CTX and its pinned ctypes callbacks alive (§4)
         self.server_side = server_side
@@ -96,6 +99,7 @@ class TLSEngine:
         self._closed = False
         self.hostname = hostname
         self.leaf_der: bytes | None = None  # client mode: the origin's leaf, even if it was refused
+        self._sessions = None
         m2.err_clear_error()
         self._ssl = m2.ssl_new(ctx.ctx)
         self._rb = m2.bio_new(m2.bio_s_mem())
@@ -116,6 +120,9 @@ class TLSEngine:
         m2.ssl_set1_host(self._ssl, host)  # checked during the handshake (verify code 62/64)
         if alpn:
             openssl_ext.ssl_set_alpn_protos(int(self._ssl), alpn)
+        if sessions is not None:
+            self._sessions = sessions
+            sessions.attach(int(self._ssl), session_key)
 
     def choose_alpn(self, protocols: tuple[str, ...]) -> None:
         """Server mode, before the handshake: answer the client's ALPN offer with the first of
@@ -220,6 +227,8 @@ class TLSEngine:
             openssl_ext.take_leaf_der(ptr)
             if self.server_side:
                 openssl_ext.ssl_clear_alpn_choice(ptr)
+            elif self._sessions is not None:
+                self._sessions.detach(ptr)
             m2.ssl_free(self._ssl)  # also frees _rb and _wb
             self._ssl = self._rb = self._wb = None
             m2.err_clear_error()
@@ -246,6 +255,11 @@ class TLSEngine:
     @property
     def alpn(self) -> str | None:
         return openssl_ext.ssl_get_alpn_selected(int(self._ssl)) if self.handshake_done else None
+
+    @property
+    def session_reused(self) -> bool:
+        """Client mode: the handshake resumed a session (no certificate was sent or verified)."""
+        return self.handshake_done and not self._closed and openssl_ext.ssl_session_reused(int(self._ssl))
 
     @property
     def verify_code(self) -> int:

@@ -160,6 +160,65 @@ def ctx_get_options(ctx: SSL.Context) -> int:
     return _lib.SSL_CTX_get_options(int(ctx.ctx))
 
 
+# --- client sessions (resumption towards origins; proxy/tls/sessions.py) ---------------------------
+
+_NEW_SESSION_CB = ctypes.CFUNCTYPE(_int, _vp, _vp)
+_lib.SSL_CTX_sess_set_new_cb.argtypes = [_vp, _NEW_SESSION_CB]
+_lib.SSL_CTX_sess_set_new_cb.restype = None
+_lib.SSL_set_session.argtypes = [_vp, _vp]
+_lib.SSL_set_session.restype = _int
+_lib.SSL_SESSION_free.argtypes = [_vp]
+_lib.SSL_SESSION_free.restype = None
+_lib.SSL_SESSION_get_protocol_version.argtypes = [_vp]
+_lib.SSL_SESSION_get_protocol_version.restype = _int
+_lib.SSL_session_reused.argtypes = [_vp]
+_lib.SSL_session_reused.restype = _int
+_lib.SSL_get_verify_result.argtypes = [_vp]
+_lib.SSL_get_verify_result.restype = _long
+_SSL_CTRL_SET_SESS_CACHE_MODE = 44
+_SSL_SESS_CACHE_CLIENT = 0x0001
+_SSL_SESS_CACHE_NO_INTERNAL = 0x0100 | 0x0200  # no lookup, no store: the Python cache owns them
+
+
+def ctx_set_new_session_cb(ctx: SSL.Context, on_new: Callable[[int, int], bool]) -> None:
+    """Client sessions (TLS 1.2 at the end of the handshake, TLS 1.3 with each NewSessionTicket) go
+    to `on_new(ssl_ptr, session_ptr)`; when it returns True it keeps the session's reference and
+    must SSL_SESSION_free it later (session_free)."""
+
+    def new_session(ssl, sess):  # noqa: ANN001 - C signature
+        try:
+            return 1 if on_new(ssl, sess) else 0
+        except BaseException:  # never unwind into C
+            return 0
+
+    cb = _NEW_SESSION_CB(new_session)
+    _pin(ctx, cb)
+    _lib.SSL_CTX_ctrl(int(ctx.ctx), _SSL_CTRL_SET_SESS_CACHE_MODE,
+                      _SSL_SESS_CACHE_CLIENT | _SSL_SESS_CACHE_NO_INTERNAL, None)
+    _lib.SSL_CTX_sess_set_new_cb(int(ctx.ctx), cb)
+
+
+def ssl_set_session(ssl_ptr: int, session_ptr: int) -> bool:
+    """Offer `session_ptr` for resumption (OpenSSL takes its own reference)."""
+    return _lib.SSL_set_session(ssl_ptr, session_ptr) == 1
+
+
+def session_version(session_ptr: int) -> int:
+    return _lib.SSL_SESSION_get_protocol_version(session_ptr)
+
+
+def session_free(session_ptr: int) -> None:
+    _lib.SSL_SESSION_free(session_ptr)
+
+
+def ssl_session_reused(ssl_ptr: int) -> bool:
+    return _lib.SSL_session_reused(ssl_ptr) == 1
+
+
+def ssl_verify_result(ssl_ptr: int) -> int:
+    return _lib.SSL_get_verify_result(ssl_ptr)
+
+
 def set_release_buffers(ctx: SSL.Context) -> None:
     """SSL_MODE_RELEASE_BUFFERS: idle connections give their 34 KiB record buffers back."""
     _lib.SSL_CTX_ctrl(int(ctx.ctx), _SSL_CTRL_MODE, _SSL_MODE_RELEASE_BUFFERS, None)
