@@ -102,6 +102,7 @@ _INSERT_BATCH = ("INSERT OR REPLACE INTO flows (id, start, host, method, status,
                  " duration, record) SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5,"
                  " value->>6, value->>7, value->>8, value->>9, value->>10 FROM json_each(?)")
 _BATCH_INSERT_OK = tuple(int(x) for x in sqlite3.sqlite_version.split(".")[:2]) >= (3, 38)
+_BATCH_MAX_ROW_BYTES = 4096  # average record size up to which the one-statement batch is used
 _SUMMARY_COLUMNS = ("id", "start", "host", "method", "status", "url", "mode", "error_kind", "size", "duration")
 
 
@@ -612,7 +613,10 @@ class StoreWriter:
             try:
                 conn.execute("BEGIN IMMEDIATE")
                 try:
-                    if _BATCH_INSERT_OK:
+                    # One statement for a batch of small records; large ones (decoded bodies) go
+                    # row by row: inside the batch's JSON array each record's text would be escaped
+                    # again and parsed again by SQLite, which costs more than the per-row calls.
+                    if _BATCH_INSERT_OK and nbytes <= _BATCH_MAX_ROW_BYTES * len(rows):
                         conn.execute(_INSERT_BATCH, (dumps_rows(rows),))
                     else:
                         conn.executemany(_INSERT, rows)

@@ -34,6 +34,7 @@ def bytes_relayed() -> int:
 
 
 _HIGH_WATER = 1 << 18  # pause reading from the socket beyond this many unread bytes
+_BATCH = 1 << 18  # plaintext handed to the relay per TLSStream.recv() at most (many records)
 _LOW_WATER = 1 << 16
 
 
@@ -286,6 +287,8 @@ class TLSStream:
                 finally:
                     self._flush()  # reads can produce output (alerts, key updates)
                 if data is not None:
+                    if data and engine.has_input():
+                        data = self._more(data)
                     if data:
                         self.bytes_in += len(data)
                     return data
@@ -293,6 +296,26 @@ class TLSStream:
                 self.truncated = True
                 return b""
             await self._fill(timeout)
+
+    def _more(self, first: bytes) -> bytes:
+        """The records already received after `first`, decrypted now: one SSL_read returns one record
+        (16 KiB at most), so a large download would otherwise take a trip through the relay per
+        record. Stops at what is buffered (never waits), at _BATCH bytes, or at the end of stream;
+        errors are left for the next recv() to report."""
+        engine = self.engine
+        parts = [first]
+        size = len(first)
+        while size < _BATCH and engine.has_input():
+            try:
+                data = engine.read()
+            except TLSFailure:
+                break
+            if not data:  # None: a partial record; b"": close_notify, seen again by the next read
+                break
+            parts.append(data)
+            size += len(data)
+        self._flush()
+        return b"".join(parts)
 
     async def send(self, data: bytes) -> None:
         if data:
