@@ -233,7 +233,7 @@ class PlainStream:
 
 
 class TLSStream:
-    __slots__ = ("conn", "engine", "truncated", "_eof", "error", "bytes_in", "bytes_out")
+    __slots__ = ("conn", "engine", "truncated", "_eof", "_closed_by_peer", "_failure", "error", "bytes_in", "bytes_out")
 
     def __init__(self, conn: Conn, engine: TLSEngine, error: type[ProxyError] = ClientError) -> None:
         self.error = error
@@ -241,6 +241,8 @@ class TLSStream:
         self.engine = engine
         self.truncated = False  # the peer closed TCP without close_notify (RFC 8446 §6.1)
         self._eof = False
+        self._closed_by_peer = False  # close_notify seen by _more(): the next recv() reports the end
+        self._failure: TLSFailure | None = None  # an error met by _more(): the next recv() reports it
         self.bytes_in = 0
         self.bytes_out = 0
 
@@ -275,6 +277,14 @@ class TLSStream:
         """Next plaintext (b"" at the end); TimeoutError when no bytes at all arrived for `timeout`
         seconds (each wait for the network is bounded: a record trickling in keeps it alive)."""
         engine = self.engine
+        if self._closed_by_peer:
+            return b""
+        if self._failure is not None:
+            failure, self._failure = self._failure, None
+            if self._eof:  # TCP closed without close_notify: end of stream, but remember it
+                self.truncated = True
+                return b""
+            raise self.error(f"TLS error: {failure.reason}")
         while True:
             if engine.has_input():
                 try:
@@ -300,17 +310,21 @@ class TLSStream:
     def _more(self, first: bytes) -> bytes:
         """The records already received after `first`, decrypted now: one SSL_read returns one record
         (16 KiB at most), so a large download would otherwise take a trip through the relay per
-        record. Stops at what is buffered (never waits), at _BATCH bytes, or at the end of stream;
-        errors are left for the next recv() to report."""
+        record. Stops at what is buffered (never waits), at _BATCH bytes, at close_notify or at an
+        error; the next recv() then reports the end or the error (the data before it goes first)."""
         engine = self.engine
         parts = [first]
         size = len(first)
         while size < _BATCH and engine.has_input():
             try:
                 data = engine.read()
-            except TLSFailure:
+            except TLSFailure as e:
+                self._failure = e
                 break
-            if not data:  # None: a partial record; b"": close_notify, seen again by the next read
+            if data is None:  # a partial record: the rest comes from the network
+                break
+            if not data:  # close_notify: this data is the last; the next recv() says so at once (the
+                self._closed_by_peer = True  # peer may keep TCP open waiting for ours)
                 break
             parts.append(data)
             size += len(data)
