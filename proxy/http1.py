@@ -398,7 +398,7 @@ class ResponseReader(_Reader):
             if self._stopped:  # HEAD or 101: what follows the head is not part of this response
                 self.leftover = bytes(rest)
                 self._head_buf.clear()
-                if rest and not self.switched:
+                if rest.strip(b"\r\n") and not self.switched:  # stray empty lines are tolerated (see feed)
                     self.unsolicited = True
         if len(self._head_buf) > self.limits.max_head + self.limits.max_request_line:
             raise UpstreamProtocolError(f"the origin's response head is larger than {self.limits.max_head} bytes")

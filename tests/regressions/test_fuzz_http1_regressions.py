@@ -20,6 +20,9 @@ from proxy.http1 import EndOfMessage, Limits, ResponseHead, ResponseReader  # no
 
 # name: (minimised crash input, what it found). Byte 0 picks the reader and the limits, bytes 1-4 the splits.
 ARTIFACTS = {
+    # CI crash-710ce32a (seeded run, session 2): a HEAD response followed by a stray "\n" was unsolicited
+    # when the "\n" came in the same read as the head, and tolerated (RFC 9112 §2.2) when it came later.
+    "head-response-then-stray-newline": b"\x02\x05\x11\x31\x40HTTP/1.0 200 Oj\r\nCogt-:T: v\r\n\r\n\n",
     # libFuzzer crash-8000fb3f (minimised): a response with more header fields than the limit raised
     # HeadersTooLarge, a ClientError (431, side "client"), out of ResponseReader, whose only declared
     # error is UpstreamProtocolError. Through the proxy the client got "431 Request Header Fields Too
