@@ -101,12 +101,14 @@ class _Pending:
 
 
 class _Stream:
-    __slots__ = ("cid", "sid", "flow", "t0", "request_headers", "request_end", "to_server", "to_client",
-                 "request_done", "response_done", "response_started", "finished")
+    __slots__ = ("cid", "sid", "origin", "flow", "t0", "request_headers", "request_end", "to_server", "to_client",
+                 "request_done", "response_done", "response_started", "finished", "body_sent")
 
     def __init__(self, cid: int, flow: Flow, t0: float) -> None:
         self.cid = cid  # the client's stream id
         self.sid: int | None = None  # the origin's, once the request went out
+        self.origin: _Origin | None = None  # ... on this origin connection
+        self.body_sent = False  # request DATA went to the origin (a refused stream can then not be replayed)
         self.flow = flow
         self.t0 = t0
         self.request_headers: list | None = None
@@ -119,8 +121,38 @@ class _Stream:
         self.finished = False
 
 
+class _Origin:
+    """One HTTP/2 connection to the origin. A graceful GOAWAY from it retires it: its remaining streams
+    finish on it while new ones go to a fresh connection that the shell opens (`wants_origin`)."""
+
+    __slots__ = ("conn", "out", "by_sid", "gone", "dead", "retired", "tls")
+
+    def __init__(self) -> None:
+        self.conn = _Connection(_config(True))
+        self.out = bytearray()  # output taken from h2 early, to put a graceful GOAWAY after it
+        self.by_sid: dict[int, _Stream] = {}
+        self.gone = False  # no new streams on it (its GOAWAY, or ours)
+        self.dead = False  # closed or broken: nothing more to read or send
+        self.retired = False  # gone and drained: the shell closes its socket
+        self.tls = None  # the TLS facts of its connection, for the flows sent on it (set by the shell)
+
+    def start(self, max_header_list_size: int) -> None:
+        self.conn.local_settings = Settings(client=True, initial_values={
+            SettingCodes.ENABLE_PUSH: 0,  # server push is refused (issue #7)
+            SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+            SettingCodes.MAX_HEADER_LIST_SIZE: max_header_list_size,
+        })
+        self.conn.initiate_connection()
+        self.conn.increment_flow_control_window(CONNECTION_WINDOW - 65535)
+
+    def room(self) -> bool:
+        c = self.conn
+        return not (self.gone or self.dead) and c.open_outbound_streams < c.remote_settings.max_concurrent_streams
+
+
 class H2Bridge:
-    """One client HTTP/2 connection relayed onto one origin HTTP/2 connection."""
+    """One client HTTP/2 connection relayed onto HTTP/2 connections to the origin (one at a time; a
+    new one when the origin retires the current with GOAWAY, invisibly to the client)."""
 
     def __init__(self, *, new_flow: Callable[[int], Flow], emit: Callable[[Flow], None],
                  clock: Callable[[], float], wall: Callable[[], float], host: str, port: int,
@@ -133,16 +165,13 @@ class H2Bridge:
         self.cap = body_capture_limit
         self.response_started_cb = response_started
         self.down = _Connection(_config(False))
-        self.up = _Connection(_config(True))
+        self.origin: _Origin | None = _Origin()  # where new requests go; None until the shell opens one
+        self.origins: list[_Origin] = [self.origin]  # every origin connection not yet retired
         self._out_down = bytearray()  # output taken from h2 early, to put a graceful GOAWAY after it
-        self._out_up = bytearray()
         self.by_cid: dict[int, _Stream] = {}
-        self.by_sid: dict[int, _Stream] = {}
-        self.waiting: collections.deque[_Stream] = collections.deque()  # over the origin's stream limit
+        self.waiting: collections.deque[_Stream] = collections.deque()  # no origin room (limit, reconnecting)
         self.client_gone = False  # no new streams from the client (GOAWAY either way, EOF, protocol error)
-        self.server_gone = False  # the same towards the origin
         self.client_dead = False  # the client connection is over (EOF, protocol error): nothing more to read or send
-        self.server_dead = False
         self.closed = False  # both connections are finished: the shell closes the sockets
         self.max_client_stream = 0
         self._max_header_list_size = max_header_list_size
@@ -156,15 +185,34 @@ class H2Bridge:
             SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
             SettingCodes.MAX_HEADER_LIST_SIZE: self._max_header_list_size,
         })
-        self.up.local_settings = Settings(client=True, initial_values={
-            SettingCodes.ENABLE_PUSH: 0,  # server push is refused (issue #7)
-            SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
-            SettingCodes.MAX_HEADER_LIST_SIZE: self._max_header_list_size,
-        })
         self.down.initiate_connection()
-        self.up.initiate_connection()
-        for conn in (self.down, self.up):
-            conn.increment_flow_control_window(CONNECTION_WINDOW - 65535)
+        self.down.increment_flow_control_window(CONNECTION_WINDOW - 65535)
+        self.origin.start(self._max_header_list_size)
+
+    @property
+    def up(self) -> _Connection | None:
+        """The current origin connection's h2 state (None while a new one is being opened)."""
+        return self.origin.conn if self.origin is not None else None
+
+    @property
+    def wants_origin(self) -> bool:
+        """Requests wait and no origin connection takes new streams: the shell should open one."""
+        return bool(self.waiting) and self.origin is None and not self.client_dead
+
+    def add_origin(self) -> _Origin:
+        """The shell opened a new origin connection (after a GOAWAY): new and waiting requests go there."""
+        o = _Origin()
+        o.start(self._max_header_list_size)
+        self.origin = o
+        self.origins.append(o)
+        self._after()
+        return o
+
+    def origin_failed(self, err: ProxyError) -> None:
+        """The new origin connection could not be opened: the waiting requests get the error."""
+        for st in list(self.waiting):
+            self._fail(st, err)
+        self._after()
 
     # --- bytes in / out -------------------------------------------------------------------------
 
@@ -175,12 +223,15 @@ class H2Bridge:
             return out
         return self.down.data_to_send()
 
-    def to_server(self) -> bytes:
-        if self._out_up:
-            out = bytes(self._out_up) + self.up.data_to_send()
-            self._out_up.clear()
+    def to_server(self, origin: _Origin | None = None) -> bytes:
+        o = origin or self.origin
+        if o is None:
+            return b""
+        if o.out:
+            out = bytes(o.out) + o.conn.data_to_send()
+            o.out.clear()
             return out
-        return self.up.data_to_send()
+        return o.conn.data_to_send()
 
     def _graceful_goaway(self, conn: H2Connection, buf: bytearray, last_stream_id: int) -> None:
         """GOAWAY(NO_ERROR) without closing h2's state: the streams up to last_stream_id still finish
@@ -205,16 +256,17 @@ class H2Bridge:
             self._client_event(event)
         self._after()
 
-    def server_data(self, data: bytes) -> None:
-        if self.server_dead:
+    def server_data(self, data: bytes, origin: _Origin | None = None) -> None:
+        o = origin or self.origin
+        if o is None or o.dead:
             return
         try:
-            events = self.up.receive_data(data)
+            events = o.conn.receive_data(data)
         except ProtocolError as e:
-            self._server_broke(f"the origin broke the HTTP/2 protocol: {e}")
+            self._server_broke(f"the origin broke the HTTP/2 protocol: {e}", o)
             return
         for event in events:
-            self._server_event(event)
+            self._server_event(event, o)
         self._after()
 
     def client_eof(self, why: str = "the client closed the connection") -> None:
@@ -225,13 +277,18 @@ class H2Bridge:
             self._goaway_server()
         self._after()
 
-    def server_eof(self, why: str = "the origin closed the connection") -> None:
-        if not self.server_dead:
-            self.server_gone = self.server_dead = True
-            for st in list(self.by_cid.values()):
-                self._fail(st, UpstreamProtocolError(f"{why} before the response ended"), reset_server=False)
-            self._goaway_client()
+    def server_eof(self, why: str = "the origin closed the connection", origin: _Origin | None = None) -> None:
+        o = origin or self.origin
+        if o is not None and not o.dead:
+            self._origin_down(o, UpstreamProtocolError(f"{why} before the response ended"))
         self._after()
+
+    def _origin_down(self, o: _Origin, err: ProxyError) -> None:
+        o.gone = o.dead = True
+        if o is self.origin:
+            self.origin = None  # the next request opens a new connection
+        for st in list(o.by_sid.values()):
+            self._fail(st, err, reset_server=False)
 
     def close_idle(self) -> None:
         """No stream for the idle timeout: GOAWAY both ways, then the shell closes."""
@@ -338,10 +395,6 @@ class H2Bridge:
         if method == "CONNECT":  # RFC 8441 extended CONNECT is not offered; plain CONNECT is a proxy's job
             self._fail(st, BadRequest("CONNECT inside a tunnel is not supported"))
             return
-        if self.server_gone:
-            self._fail(st, StreamReset("the origin's connection is closing (GOAWAY): retry on a new connection",
-                                       "upstream", int(ErrorCodes.REFUSED_STREAM)))
-            return
         st.request_headers = list(event.headers)
         st.request_end = event.stream_ended is not None
         if event.stream_ended is not None:
@@ -352,19 +405,22 @@ class H2Bridge:
         self._send_request(st)
 
     def _room_upstream(self) -> bool:
-        return self.up.open_outbound_streams < self.up.remote_settings.max_concurrent_streams
+        return self.origin is not None and self.origin.room()
 
     def _send_request(self, st: _Stream) -> None:
-        sid = self.up.get_next_available_stream_id()
-        st.sid = sid
-        self.by_sid[sid] = st
-        end = st.request_end and not st.to_server.chunks
+        o = self.origin
+        sid = o.conn.get_next_available_stream_id()
+        st.sid, st.origin = sid, o
+        o.by_sid[sid] = st
+        if o.tls is not None:
+            st.flow.tls.upstream = o.tls
+        pend = st.to_server
+        end = pend.end and not pend.chunks and pend.trailers is None
         try:
-            self.up.send_headers(sid, st.request_headers, end_stream=end)
+            o.conn.send_headers(sid, st.request_headers, end_stream=end)
         except H2Error as e:
             self._fail(st, UpstreamProtocolError(f"cannot send the request to the origin over HTTP/2: {e}"))
             return
-        st.request_headers = None
         if end:
             st.to_server.end = False
             st.request_done = True
@@ -374,15 +430,15 @@ class H2Bridge:
 
     # --- the origin's events ---------------------------------------------------------------------
 
-    def _server_event(self, event) -> None:
+    def _server_event(self, event, o: _Origin) -> None:
         if isinstance(event, DataReceived):
-            st = self.by_sid.get(event.stream_id)
+            st = o.by_sid.get(event.stream_id)
             padding = event.flow_controlled_length - len(event.data)
             if padding:
-                self.up.acknowledge_received_data(padding, event.stream_id)
+                o.conn.acknowledge_received_data(padding, event.stream_id)
             if st is None:
                 if event.data:
-                    self.up.acknowledge_received_data(len(event.data), event.stream_id)
+                    o.conn.acknowledge_received_data(len(event.data), event.stream_id)
                 return
             if event.data:
                 st.flow.response.body.feed(event.data, self.cap)
@@ -392,7 +448,7 @@ class H2Bridge:
                 st.to_client.end = True
             self._flush_to_client(st)
         elif isinstance(event, ResponseReceived):
-            st = self.by_sid.get(event.stream_id)
+            st = o.by_sid.get(event.stream_id)
             if st is None:
                 return
             if st.flow.timing.first_byte_ms is None:
@@ -409,37 +465,37 @@ class H2Bridge:
             elif self.response_started_cb is not None:
                 self.response_started_cb(st.flow)
         elif isinstance(event, InformationalResponseReceived):
-            st = self.by_sid.get(event.stream_id)
+            st = o.by_sid.get(event.stream_id)
             if st is not None:
                 if st.flow.timing.first_byte_ms is None:
                     st.flow.timing.first_byte_ms = (self.clock() - st.t0) * 1000
                 self.down.send_headers(st.cid, event.headers)
         elif isinstance(event, TrailersReceived):
-            st = self.by_sid.get(event.stream_id)
+            st = o.by_sid.get(event.stream_id)
             if st is not None:
                 st.flow.response.trailers = list(event.headers)
                 st.to_client.trailers = list(event.headers)
                 st.to_client.end = True
                 self._flush_to_client(st)
         elif isinstance(event, StreamEnded):
-            st = self.by_sid.get(event.stream_id)
+            st = o.by_sid.get(event.stream_id)
             if st is not None and not st.to_client.end and not st.response_done:
                 st.to_client.end = True
                 self._flush_to_client(st)
         elif isinstance(event, WindowUpdated):
             if event.stream_id == 0:
-                for st in list(self.by_sid.values()):
+                for st in list(o.by_sid.values()):
                     self._flush_to_server(st)
             else:
-                st = self.by_sid.get(event.stream_id)
+                st = o.by_sid.get(event.stream_id)
                 if st is not None:
                     self._flush_to_server(st)
         elif isinstance(event, RemoteSettingsChanged):
             if SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings:
-                for st in list(self.by_sid.values()):
+                for st in list(o.by_sid.values()):
                     self._flush_to_server(st)
         elif isinstance(event, H2StreamReset):
-            st = self.by_sid.get(event.stream_id)
+            st = o.by_sid.get(event.stream_id)
             if st is not None and st.response_done and not event.error_code:
                 # RFC 9113 §8.1: a complete response, then "stop sending the request" (NO_ERROR).
                 st.request_done = True
@@ -451,20 +507,32 @@ class H2Bridge:
                 self._fail(st, StreamReset(f"the origin reset the stream ({_code_name(code)})", "upstream", code),
                            reset_server=False, client_code=code)
         elif isinstance(event, PushedStreamReceived):  # cannot happen with ENABLE_PUSH = 0 (h2 refuses it)
-            self.up.reset_stream(event.pushed_stream_id, ErrorCodes.REFUSED_STREAM)
+            o.conn.reset_stream(event.pushed_stream_id, ErrorCodes.REFUSED_STREAM)
         elif isinstance(event, ConnectionTerminated):
-            self.server_gone = True
+            # The origin retires this connection: no new streams on it. Streams it did not process go
+            # again on a new connection when nothing of their body was sent yet (RFC 9113 §8.7: safe to
+            # retry), else the client gets REFUSED_STREAM; the client's own connection goes on.
+            o.gone = True
+            if o is self.origin:
+                self.origin = None
             last = event.last_stream_id if event.last_stream_id is not None else 0
-            for st in list(self.by_cid.values()):
-                if st.sid is None or st.sid > last:  # never processed by the origin: safe to retry
-                    self._fail(st, StreamReset("the origin did not process the stream (GOAWAY): retry it",
-                                               "upstream", int(ErrorCodes.REFUSED_STREAM)),
-                               reset_server=False, client_code=int(ErrorCodes.REFUSED_STREAM))
+            for st in sorted(o.by_sid.values(), key=lambda x: -x.sid):
+                if st.sid > last:
+                    if not st.body_sent and not st.response_started and not self.client_dead:
+                        o.by_sid.pop(st.sid, None)
+                        st.sid = st.origin = None
+                        if st.request_done:  # its end went out too: send it again with the request
+                            st.request_done = False
+                            st.to_server.end = True
+                        self.waiting.appendleft(st)  # in their order, before the newer ones
+                    else:
+                        self._fail(st, StreamReset("the origin did not process the stream (GOAWAY): retry it",
+                                                   "upstream", int(ErrorCodes.REFUSED_STREAM)),
+                                   reset_server=False, client_code=int(ErrorCodes.REFUSED_STREAM))
                 elif event.error_code:
                     self._fail(st, StreamReset(f"the origin closed the connection with GOAWAY "
                                                f"({_code_name(event.error_code)})", "upstream",
                                                int(event.error_code)), reset_server=False)
-            self._goaway_client()
 
     # --- moving data within the windows ---------------------------------------------------------
 
@@ -472,13 +540,16 @@ class H2Bridge:
         if st.sid is None or st.request_done or st.finished:
             return
         pend = st.to_server
-        if pend.chunks and not self._push(self.up, st.sid, pend, self.down, st.cid):
-            return
+        conn = st.origin.conn
+        if pend.chunks:
+            st.body_sent = True
+            if not self._push(conn, st.sid, pend, self.down, st.cid):
+                return
         if pend.end:
             if pend.trailers is not None:
-                self.up.send_headers(st.sid, pend.trailers, end_stream=True)
+                conn.send_headers(st.sid, pend.trailers, end_stream=True)
             else:
-                self.up.end_stream(st.sid)
+                conn.end_stream(st.sid)
             pend.end = False
             st.request_done = True
             st.flow.timing.request_sent_ms = (self.clock() - st.t0) * 1000
@@ -488,7 +559,7 @@ class H2Bridge:
         if st.response_done or st.finished or not st.response_started:
             return
         pend = st.to_client
-        if pend.chunks and not self._push(self.down, st.cid, pend, self.up, st.sid):
+        if pend.chunks and not self._push(self.down, st.cid, pend, st.origin.conn, st.sid):
             return
         if pend.end:
             if pend.trailers is not None:
@@ -531,8 +602,8 @@ class H2Bridge:
 
     def _forget(self, st: _Stream) -> None:
         self.by_cid.pop(st.cid, None)
-        if st.sid is not None:
-            self.by_sid.pop(st.sid, None)
+        if st.sid is not None and st.origin is not None:
+            st.origin.by_sid.pop(st.sid, None)
         with _suppress_h2():
             self.waiting.remove(st)
 
@@ -544,13 +615,14 @@ class H2Bridge:
             return
         st.finished = True
         self._forget(st)
-        if reset_server and st.sid is not None and not self.server_dead:
+        o = st.origin
+        if reset_server and st.sid is not None and o is not None and not o.dead:
             with _suppress_h2():
-                self.up.reset_stream(st.sid, server_code if server_code is not None else ErrorCodes.CANCEL)
+                o.conn.reset_stream(st.sid, server_code if server_code is not None else ErrorCodes.CANCEL)
         # Whatever the origin already sent us on this stream will not be passed on: reopen its window.
-        if st.sid is not None and st.to_client.size and not self.server_dead:
+        if st.sid is not None and st.to_client.size and o is not None and not o.dead:
             with _suppress_h2():
-                self.up.acknowledge_received_data(st.to_client.size, st.sid)
+                o.conn.acknowledge_received_data(st.to_client.size, st.sid)
         if st.to_server.size and not self.client_dead:
             with _suppress_h2():
                 self.down.acknowledge_received_data(st.to_server.size, st.cid)
@@ -589,11 +661,8 @@ class H2Bridge:
         self._goaway_server()
         self._after()
 
-    def _server_broke(self, message: str) -> None:
-        self.server_gone = self.server_dead = True  # h2 has already queued its GOAWAY
-        for st in list(self.by_cid.values()):
-            self._fail(st, UpstreamProtocolError(message), reset_server=False)
-        self._goaway_client()
+    def _server_broke(self, message: str, o: _Origin) -> None:
+        self._origin_down(o, UpstreamProtocolError(message))  # h2 has already queued its GOAWAY
         self._after()
 
     def _goaway_client(self) -> None:
@@ -603,15 +672,27 @@ class H2Bridge:
                 self._graceful_goaway(self.down, self._out_down, self.max_client_stream)
 
     def _goaway_server(self) -> None:
-        if not self.server_gone:
-            self.server_gone = True
-            if not self.server_dead:
-                self._graceful_goaway(self.up, self._out_up, 0)  # we accept no pushed streams: last id 0
+        """We open no new streams: a graceful GOAWAY to every origin connection (last id 0: we accept
+        no pushed streams)."""
+        for o in self.origins:
+            self._retire(o)
+        if self.origin is not None:
+            self.origin = None
+
+    def _retire(self, o: _Origin) -> None:
+        if not o.gone:
+            o.gone = True
+            if not o.dead:
+                self._graceful_goaway(o.conn, o.out, 0)
 
     def _after(self) -> None:
-        while self.waiting and not self.server_gone and self._room_upstream():
+        while self.waiting and self._room_upstream():
             self._send_request(self.waiting.popleft())
-        if (self.client_gone or self.server_gone) and not self.by_cid:
+        for o in self.origins:  # drained connections that the origin (or we) retired: the shell closes them
+            if o.gone and not o.by_sid and o is not self.origin and not o.retired:
+                self._retire(o)
+                o.retired = True
+        if self.client_gone and not self.by_cid:
             self._goaway_client()
             self._goaway_server()
             self.closed = True

@@ -307,8 +307,18 @@ class Relay:
                 t.client_tls_ms, t.connect_ms, t.upstream_tls_ms = client_tls_ms, upstream.connect_ms, upstream.tls_ms
             return flow
 
+        async def open_origin():
+            """Another h2 connection to the same origin (after it retired the current one with GOAWAY)."""
+            more = self._upstream(upstream.host, upstream.port, name, True, ("h2",))
+            await more.open()
+            if more.tls is None or more.tls.alpn != "h2":
+                await more.close()
+                raise UpstreamProtocolError(f"{name} no longer selects HTTP/2 on a new connection")
+            return more.stream, more.tls, more.close
+
         await relay_h2(client, upstream.stream, new_flow=new_flow, emit=self.emit, policy=self.policy,
-                       clock=self.clock, wall=self.wall, host=name, port=port, started=self.started)
+                       clock=self.clock, wall=self.wall, host=name, port=port, started=self.started,
+                       open_origin=open_origin)
 
     # --- HTTP exchanges ------------------------------------------------------------------------
 

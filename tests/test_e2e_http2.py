@@ -158,15 +158,23 @@ def test_resets_pass_both_ways_with_their_codes(proxy, h2origin):
     assert flows[1]["error"]["side"] == "client" and flows[1]["error"]["h2_error_code"] == 11
 
 
-def test_origin_goaway_reaches_the_client_and_push_is_refused(proxy, h2origin):
+def test_origin_goaway_is_absorbed_and_push_is_refused(proxy, h2origin):
+    """The origin retires its connection (GOAWAY, as nginx does every 1000 requests): the proxy opens
+    another one for the next requests, and the client's connection goes on as if nothing happened."""
     with tunnel_h2(proxy, h2origin.port, enable_push=True) as c:
         s = c.get("/push")
         assert s.status == 200 and not any(st.pushed_from for st in c.streams.values())
         s = c.get("/goaway")
         assert s.status == 200
-        c.wait(lambda: c.goaway is not None, what="GOAWAY from the proxy")
+        for i in range(3):  # same client connection, new origin connection
+            s = c.get(f"/hello?after={i}")
+            assert s.status == 200 and bytes(s.body) == HELLO_BODY
+        assert c.goaway is None and not c.closed
     assert h2origin.wait_request("/push").push_allowed is False  # the proxy told the origin: no push
-    assert all(f["error"] is None for f in proxy.flows(2))
+    after = h2origin.wait_requests(3, path="/hello")
+    goaway_conn = h2origin.wait_request("/goaway").conn_id
+    assert {r.conn_id for r in after} != {goaway_conn}  # they went over a new origin connection
+    assert all(f["error"] is None for f in proxy.flows(5))
 
 
 def test_h2_client_with_a_failing_origin_still_gets_a_readable_error(proxy):

@@ -44,7 +44,18 @@ class Pair:
         if origin_settings:
             self.origin.update_settings(origin_settings)
         self.bridge.start()
+        # (the bridge's origin connection, the test origin's h2 state, its events)
+        self.origins = [(self.bridge.origin, self.origin, self.origin_events)]
         self.pump()
+
+    def reconnect(self):
+        """What the shell does when the bridge wants an origin connection: a second test origin."""
+        peer = H2Connection(H2Configuration(client_side=False, header_encoding=None))
+        peer.initiate_connection()
+        events: list = []
+        self.origins.append((self.bridge.add_origin(), peer, events))
+        self.pump()
+        return peer, events
 
     def _new_flow(self, sid: int) -> Flow:
         return Flow(client_addr="127.0.0.1:1", mode="https", stream_id=sid)
@@ -56,18 +67,20 @@ class Pair:
             if data:
                 moved = True
                 self.bridge.client_data(data)
-            data = self.origin.data_to_send()
-            if data:
-                moved = True
-                self.bridge.server_data(data)
+            for o, peer, events in self.origins:
+                data = peer.data_to_send()
+                if data:
+                    moved = True
+                    self.bridge.server_data(data, o)
             data = self.bridge.to_client()
             if data:
                 moved = True
                 self.client_events += self.client.receive_data(data)
-            data = self.bridge.to_server()
-            if data:
-                moved = True
-                self.origin_events += self.origin.receive_data(data)
+            for o, peer, events in self.origins:
+                data = self.bridge.to_server(o)
+                if data:
+                    moved = True
+                    events += peer.receive_data(data)
             if not moved:
                 return
         raise AssertionError("the peers never went quiet")
@@ -205,7 +218,7 @@ def test_origin_reset_is_passed_to_the_client_with_its_code():
     assert flow.response.status == 200
 
 
-def test_origin_goaway_refuses_unprocessed_streams_and_is_passed_on():
+def test_origin_goaway_moves_unprocessed_streams_to_a_new_connection_unseen_by_the_client():
     p = Pair()
     s1 = p.get(b"/one")
     s2 = p.get(b"/two")
@@ -215,15 +228,38 @@ def test_origin_goaway_refuses_unprocessed_streams_and_is_passed_on():
     # (Written by hand: the h2 library cannot keep answering after sending one.)
     p.bridge.server_data(GoAwayFrame(0, last_stream_id=reqs[0].stream_id, error_code=0).serialize())
     p.pump()
-    (reset,) = p.of(p.client_events, StreamReset, s2)
-    assert reset.error_code == ErrorCodes.REFUSED_STREAM  # never processed: the client may retry it
-    (goaway,) = p.of(p.client_events, ConnectionTerminated)
-    assert goaway.error_code == 0 and goaway.last_stream_id == s2
-    assert not p.bridge.closed  # stream 1 is still on its way
-    p.respond(reqs[0].stream_id, b"done")  # answered after the GOAWAY, and relayed
+    assert not p.of(p.client_events, StreamReset) and not p.of(p.client_events, ConnectionTerminated)
+    assert p.bridge.wants_origin  # stream 2 was not processed: it waits for a new origin connection
+    p.respond(reqs[0].stream_id, b"done")  # answered after the GOAWAY, on the old connection
     assert body_of(p.client_events, s1) == b"done"
-    assert sorted((f.stream_id, f.error is None) for f in p.flows) == [(s1, True), (s2, False)]
-    assert p.bridge.closed
+    peer, events = p.reconnect()
+    (again,) = p.of(events, RequestReceived)
+    assert dict(again.headers)[b":path"] == b"/two"
+    s3 = p.get(b"/three")  # new requests go to the new connection too
+    peer.send_headers(again.stream_id, [(b":status", b"200")])
+    peer.send_data(again.stream_id, b"two", end_stream=True)
+    p.pump()
+    assert body_of(p.client_events, s2) == b"two"
+    (r3,) = [e for e in p.of(events, RequestReceived) if dict(e.headers)[b":path"] == b"/three"]
+    assert r3 and not p.bridge.closed
+    assert sorted((f.stream_id, f.error is None) for f in p.flows) == [(s1, True), (s2, True)]
+    assert p.bridge.origins[0].retired  # the old connection was drained and let go
+    assert s3
+
+
+def test_origin_goaway_refuses_a_stream_whose_body_was_already_sent():
+    p = Pair()
+    sid = p.client.get_next_available_stream_id()
+    p.client.send_headers(sid, [(b":method", b"POST"), (b":scheme", b"https"), (b":authority", b"o.test"),
+                                (b":path", b"/up")])
+    p.client.send_data(sid, b"part of a body")
+    p.pump()
+    (req,) = p.of(p.origin_events, RequestReceived)
+    p.bridge.server_data(GoAwayFrame(0, last_stream_id=0, error_code=0).serialize())
+    p.pump()
+    (reset,) = p.of(p.client_events, StreamReset, sid)
+    assert reset.error_code == ErrorCodes.REFUSED_STREAM  # cannot be replayed: the client retries it
+    assert not p.of(p.client_events, ConnectionTerminated)
 
 
 def test_server_push_is_disabled_towards_the_origin():
