@@ -312,20 +312,10 @@ class H2Bridge:
     def _client_event(self, event) -> None:
         if isinstance(event, DataReceived):
             st = self.by_cid.get(event.stream_id)
-            padding = event.flow_controlled_length - len(event.data)
-            if padding:
-                self.down.acknowledge_received_data(padding, event.stream_id)
-            if st is None:  # a stream we already failed: give the window back, drop the bytes
-                if event.data:
-                    self.down.acknowledge_received_data(len(event.data), event.stream_id)
-                return
-            if event.data:
+            if self._received(self.down, event, st):
                 st.flow.request.body.feed(event.data, self.cap)
-                st.to_server.chunks.append(event.data)
-                st.to_server.size += len(event.data)
-            if event.stream_ended is not None:
-                st.to_server.end = True
-            self._flush_to_server(st)
+                self._queue(st.to_server, event)
+                self._flush_to_server(st)
         elif isinstance(event, RequestReceived):
             self._request(event)
         elif isinstance(event, TrailersReceived):
@@ -340,18 +330,8 @@ class H2Bridge:
             if st is not None and not st.to_server.end:
                 st.to_server.end = True
                 self._flush_to_server(st)
-        elif isinstance(event, WindowUpdated):
-            if event.stream_id == 0:
-                for st in list(self.by_cid.values()):
-                    self._flush_to_client(st)
-            else:
-                st = self.by_cid.get(event.stream_id)
-                if st is not None:
-                    self._flush_to_client(st)
-        elif isinstance(event, RemoteSettingsChanged):
-            if SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings:
-                for st in list(self.by_cid.values()):
-                    self._flush_to_client(st)
+        elif isinstance(event, (WindowUpdated, RemoteSettingsChanged)):
+            self._reopened(event, self.by_cid, self._flush_to_client)
         elif isinstance(event, H2StreamReset):
             st = self.by_cid.get(event.stream_id)
             if st is not None:
@@ -433,20 +413,10 @@ class H2Bridge:
     def _server_event(self, event, o: _Origin) -> None:
         if isinstance(event, DataReceived):
             st = o.by_sid.get(event.stream_id)
-            padding = event.flow_controlled_length - len(event.data)
-            if padding:
-                o.conn.acknowledge_received_data(padding, event.stream_id)
-            if st is None:
-                if event.data:
-                    o.conn.acknowledge_received_data(len(event.data), event.stream_id)
-                return
-            if event.data:
+            if self._received(o.conn, event, st):
                 st.flow.response.body.feed(event.data, self.cap)
-                st.to_client.chunks.append(event.data)
-                st.to_client.size += len(event.data)
-            if event.stream_ended is not None:
-                st.to_client.end = True
-            self._flush_to_client(st)
+                self._queue(st.to_client, event)
+                self._flush_to_client(st)
         elif isinstance(event, ResponseReceived):
             st = o.by_sid.get(event.stream_id)
             if st is None:
@@ -482,18 +452,8 @@ class H2Bridge:
             if st is not None and not st.to_client.end and not st.response_done:
                 st.to_client.end = True
                 self._flush_to_client(st)
-        elif isinstance(event, WindowUpdated):
-            if event.stream_id == 0:
-                for st in list(o.by_sid.values()):
-                    self._flush_to_server(st)
-            else:
-                st = o.by_sid.get(event.stream_id)
-                if st is not None:
-                    self._flush_to_server(st)
-        elif isinstance(event, RemoteSettingsChanged):
-            if SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings:
-                for st in list(o.by_sid.values()):
-                    self._flush_to_server(st)
+        elif isinstance(event, (WindowUpdated, RemoteSettingsChanged)):
+            self._reopened(event, o.by_sid, self._flush_to_server)
         elif isinstance(event, H2StreamReset):
             st = o.by_sid.get(event.stream_id)
             if st is not None and st.response_done and not event.error_code:
@@ -535,6 +495,39 @@ class H2Bridge:
                                                int(event.error_code)), reset_server=False)
 
     # --- moving data within the windows ---------------------------------------------------------
+
+    @staticmethod
+    def _received(conn: H2Connection, event: DataReceived, st: _Stream | None) -> bool:
+        """DATA from the peer of `conn`: padding is acknowledged at once, and so is the data of a
+        stream that already ended here (st None). True when `st` should take the data."""
+        padding = event.flow_controlled_length - len(event.data)
+        if padding:
+            conn.acknowledge_received_data(padding, event.stream_id)
+        if st is None:
+            if event.data:
+                conn.acknowledge_received_data(len(event.data), event.stream_id)
+            return False
+        return True
+
+    @staticmethod
+    def _queue(pend: _Pending, event: DataReceived) -> None:
+        """Keep the data for the other side until its window takes it (acknowledged then)."""
+        if event.data:
+            pend.chunks.append(event.data)
+            pend.size += len(event.data)
+        if event.stream_ended is not None:
+            pend.end = True
+
+    @staticmethod
+    def _reopened(event, streams: dict, flush) -> None:
+        """A WINDOW_UPDATE or a new INITIAL_WINDOW_SIZE from one peer: what waited for its window goes on."""
+        if isinstance(event, WindowUpdated) and event.stream_id:
+            st = streams.get(event.stream_id)
+            if st is not None:
+                flush(st)
+        elif isinstance(event, WindowUpdated) or SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings:
+            for st in list(streams.values()):
+                flush(st)
 
     def _flush_to_server(self, st: _Stream) -> None:
         if st.sid is None or st.request_done or st.finished:
