@@ -122,7 +122,7 @@ import h2.settings
 import pytest
 from hyperframe.frame import GoAwayFrame
 
-from origin import ENCODED, HELLO_BODY, JSON_BODY, pattern_chunks, pattern_sha256
+from origin import ENCODED, HELLO_BODY, JSON_BODY, RequestLog, pattern_chunks, pattern_sha256
 
 __all__ = [
     "H2Origin", "H2Request", "H2Conn", "H2Client", "ClientStream", "h2origin", "start_h2origin",
@@ -179,6 +179,13 @@ class _GracefulH2Connection(h2.connection.H2Connection):
         ev.last_stream_id = frame.last_stream_id
         ev.additional_data = frame.additional_data or None
         return [], [ev]
+
+
+def _graceful_connection(client_side: bool) -> _GracefulH2Connection:
+    """Headers as bytes, validated but not normalised: recorded (and sent) exactly as on the wire."""
+    return _GracefulH2Connection(config=h2.config.H2Configuration(
+        client_side=client_side, header_encoding=None, validate_inbound_headers=True,
+        normalize_inbound_headers=False))
 
 
 # --- what the origin records ----------------------------------------------------------------------
@@ -288,9 +295,7 @@ class _H2Session:
         self.reader = reader
         self.writer = writer
         self.info = info
-        self.conn = _GracefulH2Connection(config=h2.config.H2Configuration(
-            client_side=False, header_encoding=None, validate_inbound_headers=True,
-            normalize_inbound_headers=False))
+        self.conn = _graceful_connection(client_side=False)
         self.reqs: dict[int, H2Request] = {}
         self.tasks: dict[int, asyncio.Task] = {}
         self.window_events: dict[int, asyncio.Event] = {}
@@ -640,7 +645,7 @@ async def _serve_h1(origin: "H2Origin", reader: asyncio.StreamReader, writer: as
 # --- the server -----------------------------------------------------------------------------------------
 
 
-class H2Origin:
+class H2Origin(RequestLog):
     """An HTTP/2 origin on 127.0.0.1:<ephemeral> (TLS with `serve`/`key`; plain h2c when they are None)."""
 
     def __init__(self, name: str = "h2", serve: Path | str | None = None, key: Path | str | None = None, *,
@@ -657,8 +662,7 @@ class H2Origin:
         self.max_concurrent_streams = max_concurrent_streams
         self.initial_window_size = initial_window_size   # our SETTINGS: the window for request bodies
         self.max_frame_size = max_frame_size
-        self._lock = threading.Lock()
-        self._requests: list[H2Request] = []
+        RequestLog.__init__(self)
         self._conns: dict[int, H2Conn] = {}
         self._sni_names: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.connections = 0                 # TCP connections accepted
@@ -825,48 +829,16 @@ class H2Origin:
         with self._lock:
             self.errors.append(f"{where}:\n{traceback.format_exc()}")
 
-    def _record(self, req: H2Request) -> None:
-        with self._lock:
-            self._requests.append(req)
-
-    @property
-    def requests(self) -> list[H2Request]:
-        with self._lock:
-            return list(self._requests)
-
     @property
     def conns(self) -> dict[int, H2Conn]:
         with self._lock:
             return dict(self._conns)
-
-    def mark(self) -> int:
-        """A position in the request log; `requests_since(mark)` is what arrived after it."""
-        with self._lock:
-            return len(self._requests)
-
-    def requests_since(self, mark: int) -> list[H2Request]:
-        with self._lock:
-            return list(self._requests[mark:])
-
-    def requests_with(self, needle: str) -> list[H2Request]:
-        """Requests whose :path contains `needle` (tests put a unique token in the query)."""
-        return [r for r in self.requests if needle in r.target]
 
     def request(self, stream_id: int, conn_id: int | None = None) -> H2Request:
         found = [r for r in self.requests if r.stream_id == stream_id and conn_id in (None, r.conn_id)]
         if len(found) != 1:
             raise LookupError(f"{len(found)} requests with stream id {stream_id} (conn {conn_id})")
         return found[0]
-
-    def wait_requests(self, count: int, since: int = 0, timeout: float = 10.0,
-                      path: str | None = None) -> list[H2Request]:
-        """Poll until `count` requests (with that path, if given) arrived after `since`; returns what arrived."""
-        deadline = time.monotonic() + timeout
-        while True:
-            got = [r for r in self.requests_since(since) if path is None or r.path == path]
-            if len(got) >= count or time.monotonic() > deadline:
-                return got
-            time.sleep(0.01)
 
     def wait_request(self, path: str, timeout: float = 10.0) -> H2Request:
         got = self.wait_requests(1, path=path, timeout=timeout)
@@ -916,9 +888,7 @@ class H2Client:
         self.timeout = timeout
         self.authority = authority
         self.auto_ack = auto_ack
-        self.conn = _GracefulH2Connection(config=h2.config.H2Configuration(
-            client_side=True, header_encoding=None, validate_inbound_headers=True,
-            normalize_inbound_headers=False))
+        self.conn = _graceful_connection(client_side=True)
         self.streams: dict[int, ClientStream] = {}
         self.events: list = []                       # every h2 event received, in order
         self.goaway: tuple[int, int] | None = None   # (error_code, last_stream_id)

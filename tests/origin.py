@@ -377,14 +377,53 @@ class _Handler:
         return True
 
 
-class OriginServer:
+class RequestLog:
+    """What a test origin received, in order, readable while it serves (the HTTP/1 origin here and the
+    HTTP/2 one in h2origin.py). Requests have `target` (as received) and `path`."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._requests: list = []
+
+    def _record(self, req) -> None:
+        with self._lock:
+            self._requests.append(req)
+
+    @property
+    def requests(self) -> list:
+        with self._lock:
+            return list(self._requests)
+
+    def mark(self) -> int:
+        """A position in the request log; `requests_since(mark)` is what arrived after it."""
+        with self._lock:
+            return len(self._requests)
+
+    def requests_since(self, mark: int) -> list:
+        with self._lock:
+            return list(self._requests[mark:])
+
+    def requests_with(self, needle: str) -> list:
+        """Requests whose target contains `needle` (tests put a unique token in the query)."""
+        return [r for r in self.requests if needle in r.target]
+
+    def wait_requests(self, count: int, since: int = 0, timeout: float = 10.0, path: str | None = None) -> list:
+        """Poll until `count` requests (with that path, if given) arrived after `since`; returns what arrived."""
+        deadline = time.monotonic() + timeout
+        while True:
+            got = [r for r in self.requests_since(since) if path is None or r.path == path]
+            if len(got) >= count or time.monotonic() > deadline:
+                return got
+            time.sleep(0.01)
+
+
+class OriginServer(RequestLog):
     """A TLS (or plain, when `serve`/`key` are None) HTTP/1.1 origin on 127.0.0.1:<ephemeral>."""
 
     def __init__(self, name: str, serve: Path | str | None = None, key: Path | str | None = None):
+        super().__init__()
         self.name = name
         self.ssl_context = server_context(serve, key) if serve is not None else None
-        self._lock = threading.Lock()
-        self._requests: list[RecordedRequest] = []
         self._conns: dict[int, socket.socket] = {}
         self._next_conn = 0
         self.connections = 0        # TCP connections accepted
@@ -459,32 +498,3 @@ class OriginServer:
         with self._lock:
             self.tls_failures.append(f"{type(e).__name__}: {e}")
 
-    def _record(self, req: RecordedRequest) -> None:
-        with self._lock:
-            self._requests.append(req)
-
-    @property
-    def requests(self) -> list[RecordedRequest]:
-        with self._lock:
-            return list(self._requests)
-
-    def mark(self) -> int:
-        """A position in the request log; `requests_since(mark)` is what arrived after it."""
-        with self._lock:
-            return len(self._requests)
-
-    def requests_since(self, mark: int) -> list[RecordedRequest]:
-        with self._lock:
-            return list(self._requests[mark:])
-
-    def requests_with(self, needle: str) -> list[RecordedRequest]:
-        """Requests whose target contains `needle` (tests put a unique token in the query)."""
-        return [r for r in self.requests if needle in r.target]
-
-    def wait_requests(self, count: int, since: int = 0, timeout: float = 10.0) -> list[RecordedRequest]:
-        deadline = time.monotonic() + timeout
-        while True:
-            got = self.requests_since(since)
-            if len(got) >= count or time.monotonic() > deadline:
-                return got
-            time.sleep(0.02)
