@@ -53,6 +53,11 @@ class Conn(asyncio.Protocol):
         self._waiter: asyncio.Future | None = None
         self._drain_waiter: asyncio.Future | None = None
 
+    def peer_host(self) -> str | None:
+        """The address this connection is connected to (its IP, without the port), if known."""
+        peer = self.transport.get_extra_info("peername") if self.transport is not None else None
+        return peer[0] if isinstance(peer, tuple) and peer else None
+
     # --- protocol callbacks ---------------------------------------------------------------------
     def connection_made(self, transport) -> None:
         self.transport = transport

@@ -140,8 +140,13 @@ class Upstream:
         ctx = self._ctx_for(self.tls_name)
         sessions = getattr(ctx, "_httpsdump_sessions", None)  # tls/sessions.py, unless turned off
         key = (self.tls_name, self.port, self.sni, self.alpn)
+        group = None
+        if sessions is not None and self.sni and pol.upstream_proxy is None and not is_ip(self.tls_name):
+            peer = conn.peer_host()
+            if peer:  # sibling sessions: other names served at this very address (tls/sessions.py)
+                group = (peer, self.port, self.alpn)
         engine = TLSEngine(ctx, server_side=False, hostname=self.tls_name, sni=self.sni, alpn=self.alpn,
-                           sessions=sessions, session_key=key)
+                           sessions=sessions, session_key=key, session_group=group)
         stream = TLSStream(conn, engine, error=UpstreamProtocolError)
         side = TlsSide(sni=self.tls_name if (self.sni and not is_ip(self.tls_name)) else None, insecure=pol.insecure,
                        alpn_offer=tuple(self.alpn))
@@ -161,7 +166,8 @@ class Upstream:
         if sessions is not None:
             if engine.session_reused:  # no certificate this time: the one the session was verified with
                 side.resumed = True
-                engine.leaf_der = sessions.leaf(key)
+                engine.leaf_der = engine.offered_leaf
+                sessions.remember_leaf(key, engine.leaf_der)  # its new sessions rest on the same one
             elif engine.verify_code == 0:
                 sessions.remember_leaf(key, engine.leaf_der)
         _record_cert(side, engine, engine.verify_code)

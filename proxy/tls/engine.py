@@ -80,7 +80,7 @@ class TLSEngine:
     mode (the proxy talking to the browser). Not thread-safe; one per connection."""
 
     __slots__ = ("_ctx", "_ssl", "_rb", "_wb", "server_side", "handshake_done", "_closed", "hostname", "leaf_der",
-                 "_sessions")
+                 "_sessions", "offered_leaf")
 
     def __init__(
         self,
@@ -92,6 +92,7 @@ class TLSEngine:
         alpn: tuple[str, ...] = (),
         sessions=None,  # client mode: a tls.sessions.SessionCache to resume from and feed
         session_key: tuple = (),
+        session_group: tuple | None = None,  # sibling sessions: see tls/sessions.py
     ) -> None:
         self._ctx = ctx  # keeps the SSL_CTX and its pinned ctypes callbacks alive (§4)
         self.server_side = server_side
@@ -100,6 +101,7 @@ class TLSEngine:
         self.hostname = hostname
         self.leaf_der: bytes | None = None  # client mode: the origin's leaf, even if it was refused
         self._sessions = None
+        self.offered_leaf: bytes | None = None  # the verified leaf of the session offered, if one was
         m2.err_clear_error()
         self._ssl = m2.ssl_new(ctx.ctx)
         self._rb = m2.bio_new(m2.bio_s_mem())
@@ -122,7 +124,9 @@ class TLSEngine:
             openssl_ext.ssl_set_alpn_protos(int(self._ssl), alpn)
         if sessions is not None:
             self._sessions = sessions
-            sessions.attach(int(self._ssl), session_key)
+            source = sessions.attach(int(self._ssl), session_key, session_group, host)
+            if source is not None:
+                self.offered_leaf = sessions.leaf(source)
 
     def choose_alpn(self, protocols: tuple[str, ...]) -> None:
         """Server mode, before the handshake: answer the client's ALPN offer with the first of

@@ -175,6 +175,10 @@ _lib.SSL_session_reused.argtypes = [_vp]
 _lib.SSL_session_reused.restype = _int
 _lib.SSL_get_verify_result.argtypes = [_vp]
 _lib.SSL_get_verify_result.restype = _long
+_lib.SSL_SESSION_get0_peer.argtypes = [_vp]
+_lib.SSL_SESSION_get0_peer.restype = _vp
+_crypto.X509_check_host.argtypes = [_vp, ctypes.c_char_p, ctypes.c_size_t, _uint, _vp]
+_crypto.X509_check_host.restype = _int
 _SSL_CTRL_SET_SESS_CACHE_MODE = 44
 _SSL_SESS_CACHE_CLIENT = 0x0001
 _SSL_SESS_CACHE_NO_INTERNAL = 0x0100 | 0x0200  # no lookup, no store: the Python cache owns them
@@ -209,6 +213,16 @@ def session_version(session_ptr: int) -> int:
 
 def session_free(session_ptr: int) -> None:
     _lib.SSL_SESSION_free(session_ptr)
+
+
+def session_valid_for(session_ptr: int, host: str) -> bool:
+    """The session's verified peer certificate is valid for `host` (X509_check_host with the flags
+    SSL_set1_host uses by default, 0: the check a full handshake would have made)."""
+    cert = _lib.SSL_SESSION_get0_peer(session_ptr)  # owned by the session: no copy, no decoding
+    if not cert:
+        return False
+    name = host.encode()  # as SSL_set1_host gets it from M2Crypto
+    return _crypto.X509_check_host(cert, name, len(name), 0, None) == 1
 
 
 def ssl_session_reused(ssl_ptr: int) -> bool:
