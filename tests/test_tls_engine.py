@@ -20,9 +20,11 @@ from proxy.tls.engine import TLSEngine, TLSFailure
 class Peer:
     """A stdlib ssl server over memory BIOs, serving one of the test PKI's leaves."""
 
-    def __init__(self, leaf, record_sni: list | None = None, tls12: bool = False):
+    def __init__(self, leaf, record_sni: list | None = None, tls12: bool = False, client_order: bool = False):
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.load_cert_chain(str(leaf.serve), str(leaf.key))
+        if client_order:  # as nginx by default: the client's preference picks the cipher suite
+            ctx.options &= ~ssl.OP_CIPHER_SERVER_PREFERENCE
         if tls12:
             ctx.maximum_version = ssl.TLSVersion.TLSv1_2
         if record_sni is not None:
@@ -200,6 +202,35 @@ def test_server_mode_with_in_memory_leaf_and_alpn(pki):
     assert e.handshake()
     assert e.alpn == "http/1.1"
     e.free()
+
+
+def test_upstream_offers_aes_128_gcm_first_like_browsers(ctx, pki):
+    peer = Peer(pki.leaves["good"], client_order=True)
+    e = TLSEngine(ctx, server_side=False, hostname="good.test")
+    run_handshake(e, peer)
+    assert (e.version, e.cipher) == ("TLSv1.3", "TLS_AES_128_GCM_SHA256")
+    e.free()
+
+
+def test_server_context_sends_one_session_ticket(pki):
+    """Our own client (which keeps every ticket it gets) against a client-facing context."""
+    leaf = pki.leaves["good"]
+    server = TLSEngine(server_context(X509.load_cert(str(leaf.cert)), EVP.load_key(str(leaf.key))), server_side=True)
+    cctx = upstream_context((str(pki.root_pem),))
+    client = TLSEngine(cctx, server_side=False, hostname="good.test", sessions=cctx._httpsdump_sessions,
+                       session_key=("good.test", 443, True, ()))
+    for _ in range(10):
+        client.handshake()
+        server.receive(client.outgoing())
+        server.handshake()
+        client.receive(server.outgoing())
+    client.write(b"x")  # the tickets follow the server's Finished; reading processes them
+    server.receive(client.outgoing())
+    assert server.read() == b"x"
+    assert client.read() is None
+    assert client.version == "TLSv1.3" and cctx._httpsdump_sessions.stored == 1
+    client.free()
+    server.free()
 
 
 def test_freed_engine_cannot_touch_its_bios(ctx, pki):

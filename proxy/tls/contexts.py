@@ -27,12 +27,20 @@ log = logging.getLogger(__name__)
 
 _NO_RENEGOTIATION = 1 << 30  # SSL_OP_NO_RENEGOTIATION (OpenSSL 3)
 _HARDENED_OPTIONS = m2.SSL_OP_NO_SSLv3 | m2.SSL_OP_NO_TLSv1 | m2.SSL_OP_NO_TLSv1_1 | _NO_RENEGOTIATION
+# TLS 1.3 suites offered to origins, in the order Chrome offers them: AES-128-GCM first costs less per
+# handshake (SHA-256 key schedule) and per byte than OpenSSL's default AES-256-GCM-SHA384 first, at
+# the strength browsers settle for. Towards clients, the client's own order decides (OpenSSL default).
+_UPSTREAM_TLS13_SUITES = "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
+# One TLS 1.3 ticket per client handshake instead of OpenSSL's two (what a browser keeps and uses; the
+# second one cost ~2.5% of a new proxied connection, callgrind).
+_SERVER_TICKETS = 1
 _ALPN_SERVER = (b"http/1.1",)  # this release relays HTTP/1.1 only
 
 
 def _hardened() -> SSL.Context:
     ctx = SSL.Context("tls", weak_crypto=1)  # skip M2's OpenSSL-1.0-era option bits (notes §1.3)
     ctx.set_options(_HARDENED_OPTIONS)
+
     openssl_ext.set_min_version(ctx, openssl_ext.TLS1_2_VERSION)
     openssl_ext.set_release_buffers(ctx)
     return ctx
@@ -44,6 +52,7 @@ def upstream_context(extra_cafiles: tuple[str, ...] = (), *, insecure: bool = Fa
     With `insecure`, verification still runs (its result is logged) but does not stop the
     handshake; the caller must log that choice."""
     ctx = _hardened()
+    openssl_ext.set_ciphersuites(ctx, _UPSTREAM_TLS13_SUITES)
     if not ctx.set_default_verify_paths():
         log.warning("could not load the system trust store; only --upstream-ca files are trusted")
     for path in extra_cafiles:
@@ -79,6 +88,7 @@ def server_context(cert: X509.X509, key, keylog=None) -> SSL.Context:  # key: EV
     if m2.ssl_ctx_use_x509(ctx.ctx, cert.x509) != 1 or m2.ssl_ctx_use_pkey_privkey(ctx.ctx, key.pkey) != 1:
         raise ValueError("cannot load the minted certificate into a TLS context")
     ctx._httpsdump_leaf = (cert, key)
+    openssl_ext.set_num_tickets(ctx, _SERVER_TICKETS)
     openssl_ext.ctx_select_alpn(ctx, _ALPN_SERVER)
     if keylog is not None:
         openssl_ext.ctx_set_keylog(ctx, keylog)

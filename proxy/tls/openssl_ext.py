@@ -156,6 +156,23 @@ def set_min_version(ctx: SSL.Context, version: int = TLS1_2_VERSION) -> None:
         raise ValueError(f"cannot set minimum TLS version {version:#x}")
 
 
+_lib.SSL_CTX_set_ciphersuites.argtypes = [_vp, ctypes.c_char_p]
+_lib.SSL_CTX_set_ciphersuites.restype = _int
+_lib.SSL_CTX_set_num_tickets.argtypes = [_vp, ctypes.c_size_t]
+_lib.SSL_CTX_set_num_tickets.restype = _int
+
+
+def set_ciphersuites(ctx: SSL.Context, suites: str) -> None:
+    """SSL_CTX_set_ciphersuites: the TLS 1.3 suites, in order of preference."""
+    if _lib.SSL_CTX_set_ciphersuites(int(ctx.ctx), suites.encode("ascii")) != 1:
+        raise ValueError(f"cannot set TLS 1.3 cipher suites {suites!r}")
+
+
+def set_num_tickets(ctx: SSL.Context, n: int) -> None:
+    """SSL_CTX_set_num_tickets: TLS 1.3 session tickets a server sends after each handshake."""
+    _lib.SSL_CTX_set_num_tickets(int(ctx.ctx), n)
+
+
 def ctx_get_options(ctx: SSL.Context) -> int:
     return _lib.SSL_CTX_get_options(int(ctx.ctx))
 
