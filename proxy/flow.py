@@ -57,6 +57,19 @@ def loads(text: bytes | str):
     return json.loads(text)
 
 
+def _message_dict(m: Message, d: dict, decode_body: Any) -> dict:
+    """`d` completed with a message's version, fields and body (Flow.to_dict, once per message)."""
+    d["http_version"] = m.http_version
+    d["headers"] = [[k.decode("latin-1"), v.decode("latin-1")] for k, v in m.headers]
+    if m.trailers:
+        d["trailers"] = [[k.decode("latin-1"), v.decode("latin-1")] for k, v in m.trailers]
+    if decode_body is not None:
+        d["body"] = decode_body(m)
+    else:
+        d["body"] = {"size": m.body.size, "captured": len(m.body.captured), "truncated": m.body.truncated}
+    return d
+
+
 @dataclass(slots=True)
 class Body:
     """A body as relayed: its true size, and a captured prefix (up to the configured cap)."""
@@ -207,20 +220,6 @@ class Flow:
 
     def to_dict(self, decode_body: Any = None) -> dict:
         """JSON-ready dict; `decode_body(message) -> dict` renders bodies (see decode.py)."""
-
-        def msg(m: Message) -> dict:
-            d: dict[str, Any] = {
-                "http_version": m.http_version,
-                "headers": [[k.decode("latin-1"), v.decode("latin-1")] for k, v in m.headers],
-            }
-            if m.trailers:
-                d["trailers"] = [[k.decode("latin-1"), v.decode("latin-1")] for k, v in m.trailers]
-            if decode_body is not None:
-                d["body"] = decode_body(m)
-            else:
-                d["body"] = {"size": m.body.size, "captured": len(m.body.captured), "truncated": m.body.truncated}
-            return d
-
         out: dict[str, Any] = {
             "id": self.id,
             "start": self.timing.start,
@@ -229,17 +228,15 @@ class Flow:
         }
         if self.stream_id is not None:
             out["stream_id"] = self.stream_id
-        if self.request is not None:
-            r = self.request
-            out["request"] = {"method": r.method, "url": r.url, "scheme": r.scheme, "host": r.host,
-                              "port": r.port, "target": r.target, **msg(r)}
+        r = self.request
+        if r is not None:
+            d = {"method": r.method, "url": r.url, "scheme": r.scheme, "host": r.host, "port": r.port,
+                 "target": r.target}
+            out["request"] = _message_dict(r, d, decode_body)
         else:
             out["request"] = None
-        if self.response is not None:
-            s = self.response
-            out["response"] = {"status": s.status, "reason": s.reason, **msg(s)}
-        else:
-            out["response"] = None
+        s = self.response
+        out["response"] = None if s is None else _message_dict(s, {"status": s.status, "reason": s.reason}, decode_body)
         tls = {}
         if self.tls.client is not None:
             tls["client"] = self.tls.client.to_dict(client=True)
