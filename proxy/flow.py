@@ -57,6 +57,19 @@ def loads(text: bytes | str):
     return json.loads(text)
 
 
+def _render_body():
+    """decode.render_body (imported late: decode imports this module); cached, as this runs per flow."""
+    global _RENDER_BODY
+    if _RENDER_BODY is None:
+        from .decode import render_body
+
+        _RENDER_BODY = render_body
+    return _RENDER_BODY
+
+
+_RENDER_BODY = None
+
+
 def _message_dict(m: Message, d: dict, decode_body: Any) -> dict:
     """`d` completed with a message's version, fields and body (Flow.to_dict, once per message)."""
     d["http_version"] = m.http_version
@@ -206,9 +219,7 @@ class Flow:
         """(record, JSON text) with bodies decoded, computed once and shared by every sink (the JSON
         Lines log and the flow store write the same text). Call it only once the flow is complete."""
         if self._rendered is None:
-            from .decode import render_body
-
-            record = self.to_dict(decode_body=render_body)
+            record = self.to_dict(decode_body=_render_body())
             self._rendered = (record, dumps(record))
         return self._rendered
     insecure: bool = False
