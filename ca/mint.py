@@ -55,6 +55,7 @@ MAX_CN_LENGTH = 64
 # Underscores are not in the LDH rule but occur in real host names, so they are let through.
 _LABEL = re.compile(r"[a-z0-9_-]{1,63}")
 _MAX_NAME = 253
+_DIGITS_DOTS = re.compile(r"[0-9.]+")
 
 
 def new_ec_key() -> EVP.PKey:
@@ -110,10 +111,12 @@ def normalize_host(host: str) -> str | ipaddress.IPv4Address | ipaddress.IPv6Add
     if not name:
         raise ValueError("cannot mint a certificate for an empty host name")
     try:
-        ip = ipaddress.ip_address(name)
+        # Only what could be an IP literal is tried as one (a failed parse is an exception, costly
+        # for every name): IPv6 has a colon, IPv4 only digits and dots.
+        ip = ipaddress.ip_address(name) if ":" in name or _DIGITS_DOTS.fullmatch(name) else None
     except ValueError:
-        pass
-    else:
+        ip = None
+    if ip is not None:
         # A zone (fe80::1%eth0) is local to this machine and has no place in a certificate.
         return ipaddress.ip_address(str(ip).split("%", 1)[0])
     labels = name.split(".")
@@ -135,8 +138,9 @@ def set_validity(cert: X509.X509, not_before: int, not_after: int) -> None:
 def _leaf_window(ca: CA, now: float) -> tuple[int, int]:
     """Validity from now - 2 days to now + 180 days, kept inside the CA's own validity: a leaf
     that outlives its issuer fails path validation anyway (RFC 5280 6.1.3 (a)(2))."""
-    not_before = max(int(now) - LEAF_BACKDATE, int(ca.not_before.timestamp()))
-    not_after = min(int(now) + LEAF_LIFETIME, int(ca.not_after.timestamp()))
+    ca_not_before, ca_not_after = ca.validity
+    not_before = max(int(now) - LEAF_BACKDATE, ca_not_before)
+    not_after = min(int(now) + LEAF_LIFETIME, ca_not_after)
     if not_after <= not_before:
         raise CAError(
             f"the CA in {ca.confdir} is not valid at the current time (valid "
@@ -149,23 +153,54 @@ def _leaf_window(ca: CA, now: float) -> tuple[int, int]:
 def _leaf_extensions(
     ca: CA, leaf_key: EVP.PKey, san: str, critical_san: bool
 ) -> list[X509.X509_Extension]:
+    shared = _constant_extensions(ca, leaf_key)
+    # RFC 5280 4.2.1.6: SAN carries the name; critical when the subject is empty. (In the place it
+    # always had: after basicConstraints, keyUsage and extendedKeyUsage, before SKI and AKI.)
+    return [*shared[:3], X509.new_extension("subjectAltName", san, critical=int(critical_san)), *shared[3:]]
+
+
+# What every leaf of one CA (and key) shares, built once: (id(ca), id(leaf_key)) -> (ca, leaf_key,
+# extensions) (X509_add_ext copies them into each certificate; parsing them per leaf cost a sixth of
+# minting one), and (id(ca), None) -> (ca, None, the CA's subject name). The owners are held so that
+# their ids stay theirs.
+_SHARED: dict[tuple[int, int], tuple] = {}
+_SHARED_MAX = 8
+
+
+def _issuer(ca: CA) -> X509.X509_Name:
+    entry = _SHARED.get((id(ca), None))
+    if entry is None:
+        entry = _share((ca, None), ca.cert.get_subject())  # bound to the CA's certificate, held too
+    return entry[2]
+
+
+def _share(owners: tuple, value):
+    if len(_SHARED) >= _SHARED_MAX:
+        _SHARED.clear()
+    entry = _SHARED[tuple(id(o) if o is not None else None for o in owners)] = (*owners, value)
+    return entry
+
+
+def _constant_extensions(ca: CA, leaf_key: EVP.PKey) -> list[X509.X509_Extension]:
+    entry = _SHARED.get((id(ca), id(leaf_key)))
+    if entry is not None:
+        return entry[2]
     # CA/B BR 7.1.2.7.11: digitalSignature; keyEncipherment only for RSA keys (RSA key transport).
     usage = "digitalSignature, keyEncipherment" if key_type_of(leaf_key) == "rsa" else "digitalSignature"
-    return [
+    exts = [
         # RFC 5280 4.2.1.9 and CA/B BR 7.1.2.7.8: an end-entity certificate, marked critical.
         X509.new_extension("basicConstraints", "CA:FALSE", critical=1),
         # RFC 5280 4.2.1.3: keyUsage SHOULD be critical.
         X509.new_extension("keyUsage", usage, critical=1),
         # CA/B BR 7.1.2.7.10: id-kp-serverAuth must be present for a TLS server certificate.
         X509.new_extension("extendedKeyUsage", "serverAuth"),
-        # RFC 5280 4.2.1.6: SAN carries the name; critical when the subject is empty.
-        X509.new_extension("subjectAltName", san, critical=int(critical_san)),
         # RFC 5280 4.2.1.2: SKI, the SHA-1 of the leaf's public key (method 1).
         X509.new_extension("subjectKeyIdentifier", leaf_key.get_key_identifier().hex()),
         # RFC 5280 4.2.1.1: AKI keyIdentifier = the issuer's SKI. "keyid:always" raises in M2Crypto
         # (notes section 5), so the key id is passed explicitly.
         X509.AuthorityKeyIdentifier(ca.ski).as_extension(),
     ]
+    return _share((ca, leaf_key), exts)[2]
 
 
 def mint(ca: CA, leaf_key: EVP.PKey, host: str, now: float, serial: int) -> X509.X509:
@@ -190,8 +225,7 @@ def mint(ca: CA, leaf_key: EVP.PKey, host: str, now: float, serial: int) -> X509
     if has_cn:
         subject.CN = text  # legacy clients only; CA/B BR 7.1.4.3: the CN repeats a SAN value
     cert.set_subject(subject)
-    issuer = ca.cert.get_subject()  # RFC 5280 4.1.2.4: issuer = the CA's subject, byte for byte
-    cert.set_issuer(issuer)
+    cert.set_issuer(_issuer(ca))  # RFC 5280 4.1.2.4: issuer = the CA's subject, byte for byte
     cert.set_pubkey(leaf_key)
     set_validity(cert, not_before, not_after)
     extensions = _leaf_extensions(ca, leaf_key, san, critical_san=not has_cn)

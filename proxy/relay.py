@@ -124,14 +124,15 @@ def _split_host_port(authority: str, default_port: int) -> tuple[str, int]:
 class Relay:
     """Serves one client connection at a time per `handle()` call; shared state is read-only."""
 
-    def __init__(self, policy: RelayPolicy, *, upstream_ctx_for, leaf_contexts, emit: Callable[[Flow], None],
+    def __init__(self, policy: RelayPolicy, *, upstream_ctx_for, leaf_certs, server_ctx, emit: Callable[[Flow], None],
                  started: Callable[[Flow], None] | None = None,
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
                  ca=None) -> None:
         self.ca = ca  # the local CA, for the install page at http(s)://httpsdump.invalid/ (installpage.py)
         self.policy = policy
         self.upstream_ctx_for = upstream_ctx_for  # host -> verifying client SSL.Context
-        self.leaf_contexts = leaf_contexts  # host -> server SSL.Context (ca.store.LeafStore)
+        self.leaf_certs = leaf_certs  # host -> minted X509 (ca.store.LeafStore)
+        self.server_ctx = server_ctx  # the one client-facing context (tls/contexts.server_context)
         self.emit = emit
         self.started = started  # told about responses that are still streaming (see RelayPolicy)
         self.clock = clock
@@ -244,10 +245,10 @@ class Relay:
             await self._passthrough(client, buf, host, port, ctls, client_addr)
             return
         try:
-            server_ctx = self.leaf_contexts.get(name)
+            cert = self.leaf_certs.get(name)
         except ValueError as e:  # mint refuses names that cannot be a certificate's subject
             raise ClientTLSError(f"cannot mint a certificate for {name!r}: {e}") from None
-        engine = TLSEngine(server_ctx, server_side=True)
+        engine = TLSEngine(self.server_ctx, server_side=True, cert=cert)
         stream = TLSStream(client.conn, engine)
         # Connect and verify upstream while the client handshake runs; the request waits for both.
         # ALPN mirroring: the origin is offered the client's list; when h2 is in it, the client's

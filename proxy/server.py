@@ -49,7 +49,9 @@ class ProxyServer:
         # One key per run for every minted leaf (design.md); --workers share the parent's.
         self._leaf_key = leaf_key if leaf_key is not None else new_leaf_key()
         self._ca = ca
-        self.leaf_contexts = LeafStore(self._make_leaf_context, cap=config.leaf_cache_size)
+        # Minted certificates per name; one client-facing context serves them all (tls/contexts.py).
+        self.leaf_certs = LeafStore(self._mint_leaf, cap=config.leaf_cache_size)
+        self.server_ctx = server_context(self._leaf_key, keylog=self._keylog)
         # One shared verifying context: the trust store is loaded once (notes §1.5); plus one per
         # --client-cert file, chosen by host pattern (first match wins).
         self.upstream_ctx = upstream_context(config.upstream_ca, insecure=config.insecure, keylog=self._keylog,
@@ -84,9 +86,8 @@ class ProxyServer:
                 return ctx
         return self.upstream_ctx
 
-    def _make_leaf_context(self, host: str):
-        cert = mint(self._ca, self._leaf_key, host, self._wall(), random_serial())
-        return server_context(cert, self._leaf_key, keylog=self._keylog)
+    def _mint_leaf(self, host: str):
+        return mint(self._ca, self._leaf_key, host, self._wall(), random_serial())
 
     def emit(self, flow: Flow) -> None:
         self.flows_emitted += 1
@@ -149,7 +150,7 @@ class ProxyServer:
         if live:
             self._status_task = asyncio.get_running_loop().create_task(self._status_loop(live))
         self.relay = Relay(self._policy(frozenset(own)), upstream_ctx_for=self.upstream_ctx_for,
-                           leaf_contexts=self.leaf_contexts, emit=self.emit, started=self.started,
+                           leaf_certs=self.leaf_certs, server_ctx=self.server_ctx, emit=self.emit, started=self.started,
                            ca=self._ca)
 
     async def _on_client(self, conn: Conn) -> None:

@@ -179,11 +179,12 @@ def test_insecure_context_completes_but_records_the_failure(pki):
 
 def test_server_mode_with_in_memory_leaf_and_alpn(pki):
     leaf = pki.leaves["good"]
-    sctx = server_context(X509.load_cert(str(leaf.cert)), EVP.load_key(str(leaf.key)))
+    sctx = server_context(EVP.load_key(str(leaf.key)))
     gc.collect()  # the ALPN callback is pinned on the context (notes §4: a collected callback is a SIGSEGV)
-    e = TLSEngine(sctx, server_side=True)
-    del sctx
-    gc.collect()  # the engine keeps its context alive
+    cert = X509.load_cert(str(leaf.cert))
+    e = TLSEngine(sctx, server_side=True, cert=cert)
+    del sctx, cert
+    gc.collect()  # the engine keeps its context alive, OpenSSL the certificate
     cctx = ssl.create_default_context(cafile=str(pki.root_pem))
     cctx.set_alpn_protocols(["h2", "http/1.1"])
     inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
@@ -212,10 +213,19 @@ def test_upstream_offers_aes_128_gcm_first_like_browsers(ctx, pki):
     e.free()
 
 
+def test_server_engine_refuses_a_certificate_that_does_not_match_the_key(pki):
+    sctx = server_context(EVP.load_key(str(pki.leaves["good"].key)))
+    with pytest.raises(ValueError, match="does not match"):
+        TLSEngine(sctx, server_side=True, cert=X509.load_cert(str(pki.leaves["wildcard"].cert)))
+    assert openssl_ext.ssl_verify_result  # the module is still usable: no stale error left behind
+    assert m2.err_get_error() == 0
+
+
 def test_server_context_sends_one_session_ticket(pki):
     """Our own client (which keeps every ticket it gets) against a client-facing context."""
     leaf = pki.leaves["good"]
-    server = TLSEngine(server_context(X509.load_cert(str(leaf.cert)), EVP.load_key(str(leaf.key))), server_side=True)
+    server = TLSEngine(server_context(EVP.load_key(str(leaf.key))), server_side=True,
+                       cert=X509.load_cert(str(leaf.cert)))
     cctx = upstream_context((str(pki.root_pem),))
     client = TLSEngine(cctx, server_side=False, hostname="good.test", sessions=cctx._httpsdump_sessions,
                        session_key=("good.test", 443, True, ()))

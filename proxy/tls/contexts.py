@@ -81,13 +81,16 @@ def upstream_context(extra_cafiles: tuple[str, ...] = (), *, insecure: bool = Fa
     return ctx
 
 
-def server_context(cert: X509.X509, key, keylog=None) -> SSL.Context:  # key: EVP.PKey
-    """Client-facing context serving one minted leaf, loaded from memory (notes §3.1)."""
+def server_context(key, keylog=None) -> SSL.Context:  # key: EVP.PKey
+    """The one client-facing context: it holds the leaf key that every minted certificate shares,
+    and each connection is given its name's certificate (TLSEngine(cert=...), SSL_use_certificate).
+    One context instead of one per name: creating an OpenSSL 3 SSL_CTX cost ~175 us per new name
+    (as much as minting the certificate) and kept its own tables for every cached name."""
     ctx = _hardened()
     # Bound wrappers: the SWIG pointers do not keep their owners alive (notes §1.4.8).
-    if m2.ssl_ctx_use_x509(ctx.ctx, cert.x509) != 1 or m2.ssl_ctx_use_pkey_privkey(ctx.ctx, key.pkey) != 1:
-        raise ValueError("cannot load the minted certificate into a TLS context")
-    ctx._httpsdump_leaf = (cert, key)
+    if m2.ssl_ctx_use_pkey_privkey(ctx.ctx, key.pkey) != 1:
+        raise ValueError("cannot load the leaf key into a TLS context")
+    ctx._httpsdump_leaf_key = key
     openssl_ext.set_num_tickets(ctx, _SERVER_TICKETS)
     openssl_ext.ctx_select_alpn(ctx, _ALPN_SERVER)
     if keylog is not None:

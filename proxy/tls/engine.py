@@ -93,6 +93,7 @@ class TLSEngine:
         sessions=None,  # client mode: a tls.sessions.SessionCache to resume from and feed
         session_key: tuple = (),
         session_group: tuple | None = None,  # sibling sessions: see tls/sessions.py
+        cert: X509.X509 | None = None,  # server mode: the certificate to serve (contexts.server_context)
     ) -> None:
         self._ctx = ctx  # keeps the SSL_CTX and its pinned ctypes callbacks alive (§4)
         self.server_side = server_side
@@ -108,6 +109,12 @@ class TLSEngine:
         self._wb = m2.bio_new(m2.bio_s_mem())
         m2.ssl_set_bio(self._ssl, self._rb, self._wb)  # SSL owns both BIOs from here on: never free them
         if server_side:
+            if cert is not None:
+                try:
+                    openssl_ext.ssl_use_certificate(int(self._ssl), int(cert.x509))
+                except ValueError:
+                    self.free()
+                    raise
             m2.ssl_set_accept_state(self._ssl)
             return
         if not hostname:

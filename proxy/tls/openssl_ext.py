@@ -168,6 +168,23 @@ def set_ciphersuites(ctx: SSL.Context, suites: str) -> None:
         raise ValueError(f"cannot set TLS 1.3 cipher suites {suites!r}")
 
 
+_lib.SSL_use_certificate.argtypes = [_vp, _vp]
+_lib.SSL_use_certificate.restype = _int
+_lib.SSL_check_private_key.argtypes = [_vp]
+_lib.SSL_check_private_key.restype = _int
+_crypto.ERR_clear_error.argtypes = []
+_crypto.ERR_clear_error.restype = None
+
+
+def ssl_use_certificate(ssl_ptr: int, x509_ptr: int) -> None:
+    """SSL_use_certificate: this connection serves `x509_ptr` (OpenSSL takes its own reference).
+    A certificate whose key is not the context's makes OpenSSL drop the key silently (the handshake
+    would fail later, obscurely): refuse it here."""
+    if _lib.SSL_use_certificate(ssl_ptr, x509_ptr) != 1 or _lib.SSL_check_private_key(ssl_ptr) != 1:
+        _crypto.ERR_clear_error()
+        raise ValueError("the certificate does not match the context's private key")
+
+
 def set_num_tickets(ctx: SSL.Context, n: int) -> None:
     """SSL_CTX_set_num_tickets: TLS 1.3 session tickets a server sends after each handshake."""
     _lib.SSL_CTX_set_num_tickets(int(ctx.ctx), n)
