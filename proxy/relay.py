@@ -45,7 +45,6 @@ from .http1 import (
     RequestHead,
     RequestReader,
     ResponseHead,
-    ResponseReader,
     chunk,
     last_chunk,
     serialize_request_head,
@@ -456,25 +455,27 @@ class Relay:
 
     async def _exchange(self, client, rr: RequestReader, head: RequestHead, upstream: Upstream, flow: Flow, t0: float):
         """One request/response. Returns True (keep the connection), False (close) or _Switched."""
-        result = await self._forward(client, rr, head, upstream.stream, flow, t0)
+        result = await self._forward(client, rr, head, upstream, flow, t0)
         if result is True and (not head.keep_alive or rr.upgraded):
             return False  # the client asked to close, or an Upgrade the origin declined
         return result
 
-    async def _forward(self, client, rr: RequestReader, head: RequestHead, up, flow: Flow, t0: float):
+    async def _forward(self, client, rr: RequestReader, head: RequestHead, upstream: Upstream, flow: Flow,
+                       t0: float):
         """Send the request (streaming its body) and relay the response; _exchange's result."""
+        up = upstream.stream
         req = flow.request
         await up.send(serialize_request_head(head.method, req.target, head.http_version, req.headers))
         if not head.chunked and not head.content_length and isinstance(rr.events[0] if rr.events else None,
                                                                        EndOfMessage):
             rr.next_event()  # no body (the common GET): no pump task needed
             flow.timing.request_sent_ms = (self.clock() - t0) * 1000
-            return await self._relay_response(client, up, head, flow, t0)
+            return await self._relay_response(client, upstream, head, flow, t0)
         # The request body and the response run side by side (100-continue, early answers such as 413).
         # Whichever side fails first ends the exchange: a client that vanishes mid-body must not leave
         # us waiting for a response the origin will never send.
         body_task = asyncio.ensure_future(self._pump_request_body(client, rr, head, up, flow, t0))
-        resp_task = asyncio.ensure_future(self._relay_response(client, up, head, flow, t0))
+        resp_task = asyncio.ensure_future(self._relay_response(client, upstream, head, flow, t0))
         try:
             await asyncio.wait((body_task, resp_task), return_when=asyncio.FIRST_COMPLETED)
             if body_task.done() and body_task.exception() is not None:
@@ -522,20 +523,22 @@ class Relay:
                 rr.push_back(ev)
                 return True
 
-    async def _relay_response(self, client, up, head: RequestHead, flow: Flow, t0: float):
+    async def _relay_response(self, client, upstream: Upstream, head: RequestHead, flow: Flow, t0: float):
         """Relay the origin's answer. Output for the client is gathered while parsed events are at hand
         and sent in one write before waiting for more input: a small response is one TLS record and one
         send() instead of three (the syscalls dominated the profile)."""
         timer: list = []  # the "still streaming" announcement, armed once the final head is relayed
         try:
-            return await self._relay_response_events(client, up, head, flow, t0, timer)
+            return await self._relay_response_events(client, upstream, head, flow, t0, timer)
         finally:
             for handle in timer:
                 handle.cancel()
 
-    async def _relay_response_events(self, client, up, head: RequestHead, flow: Flow, t0: float, timer: list):
+    async def _relay_response_events(self, client, upstream: Upstream, head: RequestHead, flow: Flow, t0: float,
+                                     timer: list):
         cap = self.policy.body_capture_limit
-        resp_reader = ResponseReader(head.method, self.policy.limits)
+        up = upstream.stream
+        resp_reader = upstream.response_reader(head.method, self.policy.limits)
         resp: ResponseHead | None = None
         out: list[bytes] = []
         queued = 0

@@ -19,6 +19,7 @@ from urllib.parse import unquote, urlsplit
 
 from .errors import CertificateError, CertReason, ConfigError, UpstreamConnectError, UpstreamProtocolError, UpstreamTimeout
 from .flow import TlsSide
+from .http1 import Limits, ResponseReader
 from .streams import Conn, PlainStream, TLSStream, open_connection
 from .tls.contexts import upstream_failure
 from .tls.engine import TLSEngine, TLSFailure, cert_info_der, is_ip
@@ -117,9 +118,19 @@ class Upstream:
         self.tls: TlsSide | None = None
         self.connect_ms: float | None = None
         self.tls_ms: float | None = None
+        self._reader: ResponseReader | None = None
+
+    def response_reader(self, request_method: str, limits: Limits) -> ResponseReader:
+        """A reader for the next response on this connection: the previous one reset when it ended
+        cleanly (ResponseReader.reset), else a new one."""
+        r = self._reader
+        if r is None or not r.reset(request_method):
+            r = self._reader = ResponseReader(request_method, limits)
+        return r
 
     async def open(self) -> None:
         pol = self._policy
+        self._reader = None
         t0 = self._clock()
         conn = await open_tcp(self.host, self.port, pol.connect_timeout, pol.upstream_proxy)
         self.connect_ms = (self._clock() - t0) * 1000
@@ -183,6 +194,7 @@ class Upstream:
         self.stream = stream
 
     async def close(self) -> None:
+        self._reader = None
         if self.stream is not None:
             await self.stream.close()
             self.stream = None

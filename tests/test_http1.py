@@ -126,6 +126,34 @@ def test_responses_without_body(method, status):
     assert body_of(evs) == b""
 
 
+def test_a_reader_is_reused_for_the_next_response_only_after_a_clean_persistent_end():
+    rr = ResponseReader("GET")
+    rr.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    assert body_of(events(rr)) == b"ok"
+    for method, raw, body in (("GET", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n", b"abc"),
+                              ("POST", b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 1\r\n\r\nx", b"x")):
+        assert rr.reset(method)  # same parser, fresh state
+        rr.feed(raw[:17])
+        rr.feed(raw[17:])
+        evs = events(rr)
+        assert body_of(evs) == body and isinstance(evs[-1], EndOfMessage) and rr.done and not rr.unsolicited
+    assert rr.reset("HEAD")
+    rr.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n")
+    assert events(rr)[0].status == 200 and rr.done
+    assert not rr.reset("GET")  # parsing stopped at the HEAD response's head: never reused
+    for raw in (b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nConnection: close\r\n\r\nx",  # not persistent
+                b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nxHTTP/1.1 200 OK\r\n",  # unsolicited bytes
+                b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\nx"):  # HTTP/1.0 without keep-alive
+        rr = ResponseReader("GET")
+        rr.feed(raw)
+        events(rr)
+        assert rr.done and not rr.reset("GET"), raw
+    rr = ResponseReader("GET")
+    with pytest.raises(UpstreamProtocolError):
+        rr.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n")
+    assert not rr.reset("GET")
+
+
 def test_101_switches_and_keeps_the_bytes_after_the_head():
     rr = ResponseReader("GET")
     rr.feed(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n\x81\x02hi")
