@@ -222,8 +222,8 @@ class Relay:
                 except clienthello.NotTLS as e:
                     raise ClientTLSError(f"not a TLS ClientHello: {e}") from None
             try:
-                data = await asyncio.wait_for(client.recv(), self.policy.handshake_timeout)
-            except asyncio.TimeoutError:
+                data = await client.recv(self.policy.handshake_timeout)  # a timer, not wait_for's task
+            except TimeoutError:
                 if not buf:
                     return  # CONNECT opened and never used: nothing to log
                 raise ClientTimeout("the client's TLS ClientHello did not arrive in time") from None
@@ -264,8 +264,9 @@ class Relay:
                 engine.choose_alpn(("h2",) if h2 else ("http/1.1",))
                 upstream.alpn = ("h2",) if h2 else ("http/1.1",)  # a reconnect speaks what was chosen
             try:
-                await asyncio.wait_for(stream.handshake(buf), self.policy.handshake_timeout)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(self.policy.handshake_timeout):  # no task, unlike wait_for
+                    await stream.handshake(buf)
+            except TimeoutError:
                 raise ClientTimeout(f"the client's TLS handshake for {name} did not complete in time") from None
             except TLSFailure as f:
                 raise client_failure(f, hello.sni or host) from None

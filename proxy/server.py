@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import logging
 import os
@@ -37,6 +38,12 @@ def is_loopback(host: str) -> bool:
     with contextlib.suppress(ValueError):
         return ipaddress.ip_address(host).is_loopback
     return False
+
+
+@functools.lru_cache(maxsize=1024)
+def _is_global(address: str) -> bool:
+    """ipaddress's is_global (a walk over the special-purpose registries), once per client address."""
+    return ipaddress.ip_address(address.split("%")[0]).is_global
 
 
 class ProxyServer:
@@ -173,7 +180,7 @@ class ProxyServer:
         peer = conn.get_extra_info("peername")
         if peer and not self.config.allow_public_clients:
             with contextlib.suppress(ValueError):
-                if ipaddress.ip_address(peer[0].split("%")[0]).is_global:
+                if _is_global(peer[0]):
                     # Like mitmproxy's block_global: a proxy answering the internet is an open relay.
                     return 403, "Forbidden", (f"clients from public addresses ({peer[0]}) are refused; "
                                               "set allow_public_clients = true to allow them")

@@ -53,6 +53,10 @@ class TLSFailure(Exception):
 
 
 def is_ip(host: str) -> bool:
+    # An IPv6 literal has a colon and an IPv4 literal ends in a digit: anything else is a name, found
+    # without ipaddress's failed parse (an exception, on every new connection).
+    if ":" not in host and not host[-1:].isdigit():
+        return False
     try:
         ipaddress.ip_address(host)
     except ValueError:
