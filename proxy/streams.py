@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import socket
 
 from .errors import ClientError, ProxyError
 from .tls.engine import TLSEngine, TLSFailure
@@ -64,8 +63,8 @@ class Conn(asyncio.Protocol):
         # Kept: asyncio.get_running_loop() is a getpid() system call on every use (Python 3.11's fork
         # check), and asyncio.timeout() makes several; per request they showed in the profile.
         self._loop = asyncio.get_running_loop()
-        with contextlib.suppress(OSError, AttributeError, TypeError):
-            transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # TCP_NODELAY: both asyncio's and uvloop's TCP transports set it themselves (checked on both
+        # sides of a connection); setting it again cost a socket object and a system call per connection.
 
     def data_received(self, data: bytes) -> None:
         self._chunks.append(data)

@@ -170,8 +170,8 @@ def set_ciphersuites(ctx: SSL.Context, suites: str) -> None:
 
 _lib.SSL_use_certificate.argtypes = [_vp, _vp]
 _lib.SSL_use_certificate.restype = _int
-_lib.SSL_check_private_key.argtypes = [_vp]
-_lib.SSL_check_private_key.restype = _int
+_lib.SSL_get_privatekey.argtypes = [_vp]
+_lib.SSL_get_privatekey.restype = _vp
 _crypto.ERR_clear_error.argtypes = []
 _crypto.ERR_clear_error.restype = None
 
@@ -179,8 +179,9 @@ _crypto.ERR_clear_error.restype = None
 def ssl_use_certificate(ssl_ptr: int, x509_ptr: int) -> None:
     """SSL_use_certificate: this connection serves `x509_ptr` (OpenSSL takes its own reference).
     A certificate whose key is not the context's makes OpenSSL drop the key silently (the handshake
-    would fail later, obscurely): refuse it here."""
-    if _lib.SSL_use_certificate(ssl_ptr, x509_ptr) != 1 or _lib.SSL_check_private_key(ssl_ptr) != 1:
+    would fail later, obscurely): refuse it here. (The key is then gone, which a pointer shows: no
+    SSL_check_private_key, a key comparison that cost ~1.4% of a new connection.)"""
+    if _lib.SSL_use_certificate(ssl_ptr, x509_ptr) != 1 or not _lib.SSL_get_privatekey(ssl_ptr):
         _crypto.ERR_clear_error()
         raise ValueError("the certificate does not match the context's private key")
 
