@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 httptools parses in C and calls back synchronously from `feed_data()`; the callbacks here only append
-plain event objects to a deque, so a reader is "bytes in, events out" like h11's `next_event()`:
+plain event objects to a list, so a reader is "bytes in, events out" like h11's `next_event()`:
 `RequestHead`/`ResponseHead`, `Data`, `EndOfMessage` (with trailers). Why httptools and not h11: it
 keeps header names' case and order exactly as on the wire, it is strict by default (it rejects
 Content-Length together with Transfer-Encoding, duplicate Content-Lengths, a Transfer-Encoding that
@@ -26,7 +26,6 @@ connection, so anything after the final response is unsolicited and marks the co
 from __future__ import annotations
 
 import re
-from collections import deque
 from dataclasses import dataclass, field
 
 import httptools
@@ -140,7 +139,9 @@ class _Reader:
 
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
-        self.events: deque = deque()
+        # A list, not a deque: it holds a few events at a time, and a reader lives as long as its
+        # connection, idle ones included (an empty deque is ~600 bytes, an empty list 56).
+        self.events: list = []
         self._url = b""
         self._reason = b""
         self._headers: Headers = []
@@ -208,7 +209,7 @@ class _Reader:
             raise error_cls(f"malformed HTTP: {e}") from None
 
     def next_event(self):
-        return self.events.popleft() if self.events else None
+        return self.events.pop(0) if self.events else None
 
     @property
     def in_head(self) -> bool:
@@ -237,7 +238,7 @@ class RequestReader(_Reader):
         """Undo next_event() for `ev` (it becomes the next event again)."""
         if isinstance(ev, RequestHead):
             self._heads_queued += 1
-        self.events.appendleft(ev)
+        self.events.insert(0, ev)
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -378,6 +379,10 @@ class ResponseReader(_Reader):
         self.done = True
         super().on_message_complete()
         self._reusable = self._parser.should_keep_alive()
+        # The events own the message now; a reader kept for the connection's next response must not
+        # hold this one's fields while the connection idles.
+        self._headers = []
+        self._trailers = None
 
     def feed(self, data: bytes) -> None:
         if self.done:
