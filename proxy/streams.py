@@ -168,16 +168,17 @@ class Conn(asyncio.Protocol):
         with contextlib.suppress(Exception):
             t.close()
         if not self._lost:
-            self._drain_waiter = asyncio.get_running_loop().create_future()
+            waiter = self._drain_waiter = self._loop.create_future()
+            timer = self._loop.call_later(2.0, _expire, waiter)  # as in read(): no asyncio.timeout()
             try:
-                async with asyncio.timeout(2.0):
-                    await self._drain_waiter  # connection_lost: the kernel has the socket back
+                await waiter  # connection_lost: the kernel has the socket back
             except TimeoutError:
                 t.abort()
             except BaseException:
                 t.abort()  # cancelled while closing: never leave the socket behind
                 raise
             finally:
+                timer.cancel()
                 self._drain_waiter = None
 
 
