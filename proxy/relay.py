@@ -319,7 +319,7 @@ class Relay:
 
         await relay_h2(client, upstream.stream, new_flow=new_flow, emit=self.emit, policy=self.policy,
                        clock=self.clock, wall=self.wall, host=name, port=port, started=self.started,
-                       open_origin=open_origin)
+                       open_origin=open_origin, close_first=upstream.close)
 
     # --- HTTP exchanges ------------------------------------------------------------------------
 

@@ -36,9 +36,11 @@ class _Side:
 
 async def relay_h2(client, up, *, new_flow: Callable[[int], Flow], emit: Callable[[Flow], None], policy,
                    clock, wall, host: str, port: int, started: Callable[[Flow], None] | None = None,
-                   open_origin: Callable[[], Awaitable[tuple]] | None = None) -> None:
+                   open_origin: Callable[[], Awaitable[tuple]] | None = None,
+                   close_first: Callable[[], Awaitable[None]] | None = None) -> None:
     """`open_origin()` -> (stream, tls facts, close coroutine function) of a new h2 connection to the
-    origin, or raises ProxyError."""
+    origin, or raises ProxyError. `close_first()` closes `up` (idempotent: its owner may close it
+    again); without it, a retired first connection stays open until the client's connection ends."""
     loop = asyncio.get_running_loop()
     timers: dict[str, asyncio.TimerHandle] = {}
 
@@ -60,7 +62,8 @@ async def relay_h2(client, up, *, new_flow: Callable[[int], Flow], emit: Callabl
     client_side = _Side(client, bridge.to_client, bridge.client_eof)
     sides: list[_Side] = [client_side,
                           _Side(up, lambda o=first: bridge.to_server(o),
-                                lambda why="the origin closed the connection", o=first: bridge.server_eof(why, o), first)]
+                                lambda why="the origin closed the connection", o=first: bridge.server_eof(why, o), first,
+                                close_first)]
     tasks: set[asyncio.Task] = set()
     finished = asyncio.Event()
     failures: list[BaseException] = []
@@ -167,7 +170,7 @@ async def relay_h2(client, up, *, new_flow: Callable[[int], Flow], emit: Callabl
             t.cancel()
             with contextlib.suppress(BaseException):
                 await t
-        for side in sides:  # origin connections opened here (not the first: the relay closes that one)
+        for side in sides:  # origin connections (the first one too when close_first was given)
             if side.closer is not None:
                 with contextlib.suppress(BaseException):
                     await side.closer()

@@ -43,6 +43,29 @@ def poll(predicate, timeout: float = 10.0, interval: float = 0.02, what: str = "
         time.sleep(interval)
 
 
+def tcp_connections_to(pid: int, port: int) -> int:
+    """How many TCP sockets process `pid` holds whose remote end is 127.0.0.1:`port` (any state but
+    TIME_WAIT), from /proc: the inodes of its socket descriptors matched against /proc/net/tcp."""
+    inodes = set()
+    fd_dir = f"/proc/{pid}/fd"
+    for fd in os.listdir(fd_dir):
+        try:
+            target = os.readlink(f"{fd_dir}/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    count = 0
+    with open("/proc/net/tcp") as f:
+        next(f)
+        for line in f:
+            fields = line.split()
+            remote, state, inode = fields[2], fields[3], fields[9]
+            if inode in inodes and state != "06" and int(remote.split(":")[1], 16) == port:
+                count += 1
+    return count
+
+
 # --- curl -------------------------------------------------------------------------------------
 
 

@@ -10,7 +10,7 @@ import socket
 import ssl
 
 from h2origin import HELLO_BODY, H2Client, h2origin, start_h2origin  # noqa: F401  (fixtures)
-from helpers import connect_to, poll
+from helpers import connect_to, poll, tcp_connections_to
 from origin import pattern_sha256
 
 NAME = "good.test"
@@ -175,6 +175,17 @@ def test_origin_goaway_is_absorbed_and_push_is_refused(proxy, h2origin):
     goaway_conn = h2origin.wait_request("/goaway").conn_id
     assert {r.conn_id for r in after} != {goaway_conn}  # they went over a new origin connection
     assert all(f["error"] is None for f in proxy.flows(5))
+
+
+def test_a_retired_origin_connection_is_closed_while_the_client_stays(proxy, h2origin):
+    """After the origin's GOAWAY, the retired connection's last stream ends and the proxy closes it,
+    the first one of the client's connection included (it stayed open until the client left)."""
+    with tunnel_h2(proxy, h2origin.port) as c:
+        for path in ("/goaway", "/goaway", "/hello"):  # two retirements, three origin connections
+            assert c.get(path).status == 200
+        poll(lambda: tcp_connections_to(proxy.pid, h2origin.port) == 1, what="one origin connection left")
+        assert c.get("/hello").status == 200 and not c.closed
+    assert len({r.conn_id for r in h2origin.wait_requests(2, path="/hello")}) == 1
 
 
 def test_h2_client_with_a_failing_origin_still_gets_a_readable_error(proxy):
