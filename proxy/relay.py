@@ -528,7 +528,9 @@ class Relay:
         """Relay the origin's answer. Output for the client is gathered while parsed events are at hand
         and sent in one write before waiting for more input: a small response is one TLS record and one
         send() instead of three (the syscalls dominated the profile)."""
-        timer: list = []  # the "still streaming" announcement, armed once the final head is relayed
+        # The "still streaming" announcement: armed when the final head has been relayed and the rest of
+        # the response is not at hand yet (a small response never needs one: no timer per exchange).
+        timer: list = []
         try:
             return await self._relay_response_events(client, upstream, head, flow, t0, timer)
         finally:
@@ -544,9 +546,12 @@ class Relay:
         out: list[bytes] = []
         queued = 0
         sent = False
+        announce = self.started is not None and self.policy.stream_announce > 0
         while True:
             ev = resp_reader.next_event()
             if ev is None:
+                if announce and resp is not None and not timer:
+                    timer.append(up.conn.loop.call_later(self.policy.stream_announce, self.started, flow))
                 if out:
                     sent = True
                     await client.send(b"".join(out) if len(out) > 1 else out[0])
@@ -581,9 +586,6 @@ class Relay:
                     resp = ev
                     flow.response = Response(status=ev.status, reason=ev.reason, http_version=ev.http_version,
                                              headers=ev.headers)
-                    if self.started is not None and self.policy.stream_announce > 0:
-                        timer.append(asyncio.get_running_loop().call_later(
-                            self.policy.stream_announce, self.started, flow))
                 out.append(serialize_response_head(ev.status, ev.reason, ev.http_version, ev.headers))
             elif isinstance(ev, EndOfMessage):
                 flow.response.trailers = ev.trailers

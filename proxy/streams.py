@@ -52,6 +52,11 @@ class Conn(asyncio.Protocol):
         self._waiter: asyncio.Future | None = None
         self._drain_waiter: asyncio.Future | None = None
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The loop this connection runs on (kept: asyncio.get_running_loop() is a system call)."""
+        return self._loop
+
     def peer_host(self) -> str | None:
         """The address this connection is connected to (its IP, without the port), if known."""
         peer = self.transport.get_extra_info("peername") if self.transport is not None else None
