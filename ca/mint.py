@@ -153,35 +153,21 @@ def _leaf_window(ca: CA, now: float) -> tuple[int, int]:
 def _leaf_extensions(
     ca: CA, leaf_key: EVP.PKey, san: str, critical_san: bool
 ) -> list[X509.X509_Extension]:
-    shared = _constant_extensions(ca, leaf_key)
+    shared = _shared(ca, leaf_key)[1]
     # RFC 5280 4.2.1.6: SAN carries the name; critical when the subject is empty. (In the place it
     # always had: after basicConstraints, keyUsage and extendedKeyUsage, before SKI and AKI.)
     return [*shared[:3], X509.new_extension("subjectAltName", san, critical=int(critical_san)), *shared[3:]]
 
 
-# What every leaf of one CA (and key) shares, built once: (id(ca), id(leaf_key)) -> (ca, leaf_key,
-# extensions) (X509_add_ext copies them into each certificate; parsing them per leaf cost a sixth of
-# minting one), and (id(ca), None) -> (ca, None, the CA's subject name). The owners are held so that
-# their ids stay theirs.
+# What every leaf of one CA and key shares, built once: (id(ca), id(leaf_key)) -> (ca, leaf_key,
+# (the CA's subject name, the constant extensions)). X509_add_ext and set_issuer copy into each
+# certificate; parsing the extensions per leaf cost a sixth of minting one. The CA and key are held
+# so that their ids stay theirs.
 _SHARED: dict[tuple[int, int], tuple] = {}
 _SHARED_MAX = 8
 
 
-def _issuer(ca: CA) -> X509.X509_Name:
-    entry = _SHARED.get((id(ca), None))
-    if entry is None:
-        entry = _share((ca, None), ca.cert.get_subject())  # bound to the CA's certificate, held too
-    return entry[2]
-
-
-def _share(owners: tuple, value):
-    if len(_SHARED) >= _SHARED_MAX:
-        _SHARED.clear()
-    entry = _SHARED[tuple(id(o) if o is not None else None for o in owners)] = (*owners, value)
-    return entry
-
-
-def _constant_extensions(ca: CA, leaf_key: EVP.PKey) -> list[X509.X509_Extension]:
+def _shared(ca: CA, leaf_key: EVP.PKey) -> tuple[X509.X509_Name, list[X509.X509_Extension]]:
     entry = _SHARED.get((id(ca), id(leaf_key)))
     if entry is not None:
         return entry[2]
@@ -200,7 +186,12 @@ def _constant_extensions(ca: CA, leaf_key: EVP.PKey) -> list[X509.X509_Extension
         # (notes section 5), so the key id is passed explicitly.
         X509.AuthorityKeyIdentifier(ca.ski).as_extension(),
     ]
-    return _share((ca, leaf_key), exts)[2]
+    if len(_SHARED) >= _SHARED_MAX:
+        _SHARED.clear()
+    # The subject name wrapper is bound to the CA's certificate, which the entry holds too.
+    value = (ca.cert.get_subject(), exts)
+    _SHARED[(id(ca), id(leaf_key))] = (ca, leaf_key, value)
+    return value
 
 
 def mint(ca: CA, leaf_key: EVP.PKey, host: str, now: float, serial: int) -> X509.X509:
@@ -225,7 +216,7 @@ def mint(ca: CA, leaf_key: EVP.PKey, host: str, now: float, serial: int) -> X509
     if has_cn:
         subject.CN = text  # legacy clients only; CA/B BR 7.1.4.3: the CN repeats a SAN value
     cert.set_subject(subject)
-    cert.set_issuer(_issuer(ca))  # RFC 5280 4.1.2.4: issuer = the CA's subject, byte for byte
+    cert.set_issuer(_shared(ca, leaf_key)[0])  # RFC 5280 4.1.2.4: issuer = the CA's subject, byte for byte
     cert.set_pubkey(leaf_key)
     set_validity(cert, not_before, not_after)
     extensions = _leaf_extensions(ca, leaf_key, san, critical_san=not has_cn)

@@ -1,10 +1,11 @@
 """A per-host cache of minted leaves (or whatever the factory builds), with a cap.
 
-Why: a browser opens many connections to the same host at once. Minting per connection would waste CPU and, worse, give one host several certificates with different
-serials. So the first request for a host calls the factory; concurrent first requests for the same
-host wait for that one call and share its result; requests for different hosts do not wait for each
-other (the lock is never held while the factory runs). The cap bounds memory when a client visits
-many hosts: the least recently used entry is evicted.
+Why: a browser opens many connections to the same host at once. Minting per connection would waste
+CPU and, worse, give one host several certificates with different serials. So the first request for
+a host calls the factory; concurrent first requests for the same host wait for that one call and
+share its result; requests for different hosts do not wait for each other (the lock is never held
+while the factory runs). The cap bounds memory when a client visits many hosts: the least recently
+used entry is evicted.
 
 Theory of operation: `_entries` (an OrderedDict in LRU order) holds finished values; `_pending`
 holds one `_Flight` per host being built. Both are only touched under `_lock`. A failed factory call

@@ -151,15 +151,16 @@ class Upstream:
         ctx = self._ctx_for(self.tls_name)
         sessions = getattr(ctx, "_httpsdump_sessions", None)  # tls/sessions.py, unless turned off
         key = (self.tls_name, self.port, self.sni, self.alpn)
+        sends_sni = self.sni and not is_ip(self.tls_name)
         group = None
-        if sessions is not None and self.sni and pol.upstream_proxy is None and not is_ip(self.tls_name):
+        if sessions is not None and sends_sni and pol.upstream_proxy is None:
             peer = conn.peer_host()
             if peer:  # sibling sessions: other names served at this very address (tls/sessions.py)
                 group = (peer, self.port, self.alpn)
         engine = TLSEngine(ctx, server_side=False, hostname=self.tls_name, sni=self.sni, alpn=self.alpn,
                            sessions=sessions, session_key=key, session_group=group)
         stream = TLSStream(conn, engine, error=UpstreamProtocolError)
-        side = TlsSide(sni=self.tls_name if (self.sni and not is_ip(self.tls_name)) else None, insecure=pol.insecure,
+        side = TlsSide(sni=self.tls_name if sends_sni else None, insecure=pol.insecure,
                        alpn_offer=tuple(self.alpn))
         self.tls = side
         try:

@@ -40,7 +40,6 @@ _ALPN_SERVER = (b"http/1.1",)  # this release relays HTTP/1.1 only
 def _hardened() -> SSL.Context:
     ctx = SSL.Context("tls", weak_crypto=1)  # skip M2's OpenSSL-1.0-era option bits (notes §1.3)
     ctx.set_options(_HARDENED_OPTIONS)
-
     openssl_ext.set_min_version(ctx, openssl_ext.TLS1_2_VERSION)
     openssl_ext.set_release_buffers(ctx)
     return ctx
