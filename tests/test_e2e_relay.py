@@ -13,13 +13,16 @@ from helpers import open_tunnel, read_response, run_curl, https
 
 
 class ScriptedOrigin:
-    """A TLS server on 127.0.0.1 that runs `script(sock)` for each connection, in a thread."""
+    """A TLS server on 127.0.0.1 that runs `script(sock)` for each connection, in a thread. With
+    `tls=False` the script gets the raw TCP socket and does TLS itself with `self.ctx` (an origin
+    that must control how its TLS records meet the wire)."""
 
-    def __init__(self, pki, script, flavour: str = "good"):
+    def __init__(self, pki, script, flavour: str = "good", *, tls: bool = True):
         leaf = pki.leaves[flavour]
         self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.ctx.load_cert_chain(str(leaf.serve), str(leaf.key))
         self.script = script
+        self.tls = tls
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.connections = 0
@@ -37,6 +40,10 @@ class ScriptedOrigin:
 
     def _one(self, raw) -> None:
         try:
+            if not self.tls:
+                with raw:
+                    self.script(raw)
+                return
             with self.ctx.wrap_socket(raw, server_side=True) as s:
                 s.settimeout(10)
                 self.script(s)
