@@ -108,12 +108,17 @@ class _Faulty(ValueError):
     pass
 
 
+_FRAMING_LENGTHS = frozenset(map(len, (b"transfer-encoding", b"content-length", b"upgrade")))
+
+
 def _framing(headers: Headers, version: str) -> tuple[bool, int | None, bytes | None]:
     """(chunked, content_length, upgrade) from the head; _Faulty when the framing is ambiguous."""
     codings: list[bytes] = []
     length = None
     upgrade = None
     for k, v in headers:
+        if len(k) not in _FRAMING_LENGTHS:  # most fields: no lower() needed to know they do not matter
+            continue
         lk = k.lower()
         if lk == b"transfer-encoding":
             codings += [c.strip().lower() for c in v.split(b",") if c.strip()]
@@ -145,17 +150,18 @@ class _Reader:
         self._url = b""
         self._reason = b""
         self._headers: Headers = []
-        self._head_bytes = 0
+        self._fields = self._headers  # where on_header appends: the head's fields, then any trailers
         self._in_head = False
         self._in_body = False
         self._trailers: Headers | None = None
+        self._span = 0  # bytes the head being parsed may span at most (see _check_head)
+        self._carried = 0  # bytes fed in earlier calls while a head was unfinished
 
     # httptools callbacks -------------------------------------------------------------------
     def on_message_begin(self) -> None:
         self._url = b""
         self._reason = b""
-        self._headers = []
-        self._head_bytes = 0
+        self._headers = self._fields = []
         self._in_head = True
         self._trailers = None
 
@@ -168,15 +174,21 @@ class _Reader:
         self._reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self._trailers is not None:
-            self._trailers.append((name, value))
-            return
-        self._headers.append((name, value))
-        self._head_bytes += len(name) + len(value) + 4
-        if len(self._headers) > self.limits.max_headers:
-            raise self._too_large(f"more than {self.limits.max_headers} header fields")
-        if self._head_bytes > self.limits.max_head:
-            raise self._too_large(f"header block larger than {self.limits.max_head} bytes")
+        # Called for every field of every message: one append and one count check. The size of the
+        # block is checked once the head is complete (_check_head); feed() bounds an unfinished head.
+        fields = self._fields
+        fields.append((name, value))
+        if len(fields) > self.limits.max_headers:
+            what = "header" if self._trailers is None else "trailer"
+            raise self._too_large(f"more than {self.limits.max_headers} {what} fields")
+
+    def _check_head(self) -> None:
+        """At the end of a head: refuse a header block over the size limit. The block is measured
+        only when the bytes it arrived in could hold that much (a head that came in one small read
+        cannot be too large)."""
+        limit = self.limits.max_head
+        if self._span > limit and sum(len(k) + len(v) + 4 for k, v in self._headers) > limit:
+            raise self._too_large(f"header block larger than {limit} bytes")
 
     def on_body(self, body: bytes) -> None:
         if body:
@@ -188,13 +200,15 @@ class _Reader:
     def on_chunk_header(self) -> None:
         # Header callbacks after this one are trailers (RFC 9112 §7.1.2).
         if self._trailers is None:
-            self._trailers = []
+            self._trailers = self._fields = []
 
     def on_message_complete(self) -> None:
         self._in_body = False
         self.events.append(EndOfMessage(self._trailers or []))
 
     def _feed(self, parser, data: bytes, error_cls) -> None:
+        n = len(data)
+        self._span = self._carried + n
         try:
             parser.feed_data(data)
         except httptools.HttpParserCallbackError as e:
@@ -207,6 +221,8 @@ class _Reader:
             raise error_cls(f"cannot parse: {cause or e}") from None
         except httptools.HttpParserError as e:
             raise error_cls(f"malformed HTTP: {e}") from None
+        finally:
+            self._carried = self._carried + n if self._in_head else 0
 
     def next_event(self):
         return self.events.pop(0) if self.events else None
@@ -225,7 +241,6 @@ class RequestReader(_Reader):
         self._parser = httptools.HttpRequestParser(self)
         self.upgraded = False
         self.leftover = b""  # bytes after a CONNECT/Upgrade request: not HTTP any more
-        self._pending_head = 0
         self._heads_queued = 0
 
     def next_event(self):
@@ -241,16 +256,17 @@ class RequestReader(_Reader):
         self.events.insert(0, ev)
 
     def on_headers_complete(self) -> None:
+        self._check_head()
         self._in_head = False
         p = self._parser
+        version = p.get_http_version()  # formatted by httptools on every call: once per head
         try:
-            chunked, length, upgrade = _framing(self._headers, p.get_http_version())
+            chunked, length, upgrade = _framing(self._headers, version)
         except _Faulty as e:
             raise BadRequest(f"ambiguous message framing: {e}") from None
         except ValueError:
             raise BadRequest("invalid Content-Length") from None
         method = p.get_method().decode("ascii")
-        version = p.get_http_version()
         if version not in ("1.0", "1.1"):
             # An HTTP/0.9 request line (no version) or "HTTP/2.0" in text: never forwarded as is.
             raise VersionNotSupported(f"HTTP/{version} requests are not supported (HTTP/1.0 and 1.1 only)")
@@ -261,7 +277,7 @@ class RequestReader(_Reader):
             RequestHead(
                 method=method,
                 target=self._url.decode("latin-1"),
-                http_version=p.get_http_version(),
+                http_version=version,
                 headers=self._headers,
                 keep_alive=p.should_keep_alive(),
                 chunked=chunked,
@@ -280,12 +296,8 @@ class RequestReader(_Reader):
             self.upgraded = True
             self.leftover = data[int(e.args[0]) :]
         # llhttp buffers a header that spans reads; bound what an unfinished head may hold.
-        if self._in_head:
-            self._pending_head += len(data)
-            if self._pending_head > self.limits.max_head + self.limits.max_request_line:
-                raise HeadersTooLarge(f"request head larger than {self.limits.max_head} bytes")
-        else:
-            self._pending_head = 0
+        if self._in_head and self._carried > self.limits.max_head + self.limits.max_request_line:
+            raise HeadersTooLarge(f"request head larger than {self.limits.max_head} bytes")
 
 
 class ResponseReader(_Reader):
@@ -328,11 +340,13 @@ class ResponseReader(_Reader):
         super().on_message_begin()
 
     def on_headers_complete(self) -> None:
+        self._check_head()
         self._in_head = False
         p = self._parser
         status = p.get_status_code()
+        version = p.get_http_version()  # formatted by httptools on every call: once per head
         try:
-            chunked, length, _ = _framing(self._headers, p.get_http_version())
+            chunked, length, _ = _framing(self._headers, version)
         except _Faulty as e:
             raise UpstreamProtocolError(f"the origin's response has ambiguous framing: {e}") from None
         except ValueError:
@@ -347,10 +361,10 @@ class ResponseReader(_Reader):
         head = ResponseHead(
             status=status,
             reason=self._reason.decode("latin-1"),
-            http_version=p.get_http_version(),
+            http_version=version,
             headers=self._headers,
             # llhttp takes a HEAD response without Content-Length for a close-delimited one; it is bodiless.
-            keep_alive=(_persistent(self._headers, p.get_http_version()) if self._head_only
+            keep_alive=(_persistent(self._headers, version) if self._head_only
                         else p.should_keep_alive() and not self._close_delimited),
             chunked=chunked and not no_body,
             content_length=length,
@@ -381,7 +395,7 @@ class ResponseReader(_Reader):
         self._reusable = self._parser.should_keep_alive()
         # The events own the message now; a reader kept for the connection's next response must not
         # hold this one's fields while the connection idles.
-        self._headers = []
+        self._headers = self._fields = []
         self._trailers = None
 
     def feed(self, data: bytes) -> None:
