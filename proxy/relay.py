@@ -350,13 +350,17 @@ class Relay:
                         if not keep:
                             return
                         continue
-                    upstream, connecting = await self._upstream_for(upstream, connecting, dest, t0)
+                    if not (connecting is not None and connecting.done() and upstream.stream is not None
+                            and not upstream.stream.at_eof()):  # else: the tunnel's open connection, as is
+                        upstream, connecting = await self._upstream_for(upstream, connecting, dest, t0)
                     flow.tls.upstream = upstream.tls
                     flow.insecure = self.policy.insecure and upstream.tls is not None
                     if upstream.connect_ms is not None and connecting is not None:
                         flow.timing.connect_ms, flow.timing.upstream_tls_ms = upstream.connect_ms, upstream.tls_ms
                         upstream.connect_ms = None  # reused connections report no connect time
-                    keep = await self._exchange(client, rr, head, upstream, flow, t0)
+                    keep = await self._forward(client, rr, head, upstream, flow, t0)
+                    if keep is True and (not head.keep_alive or rr.upgraded):
+                        keep = False  # the client asked to close, or an Upgrade the origin declined
                 except ProxyError as e:
                     await self._failed_exchange(client, flow, e, upstream, t0)
                     return
@@ -454,16 +458,10 @@ class Relay:
         await upstream.open()
         return upstream, None
 
-    async def _exchange(self, client, rr: RequestReader, head: RequestHead, upstream: Upstream, flow: Flow, t0: float):
-        """One request/response. Returns True (keep the connection), False (close) or _Switched."""
-        result = await self._forward(client, rr, head, upstream, flow, t0)
-        if result is True and (not head.keep_alive or rr.upgraded):
-            return False  # the client asked to close, or an Upgrade the origin declined
-        return result
-
     async def _forward(self, client, rr: RequestReader, head: RequestHead, upstream: Upstream, flow: Flow,
                        t0: float):
-        """Send the request (streaming its body) and relay the response; _exchange's result."""
+        """Send the request (streaming its body) and relay the response. Returns True (the origin
+        keeps the connection), False (close) or _Switched."""
         up = upstream.stream
         req = flow.request
         await up.send(serialize_request_head(head.method, req.target, head.http_version, req.headers))
@@ -528,17 +526,6 @@ class Relay:
         """Relay the origin's answer. Output for the client is gathered while parsed events are at hand
         and sent in one write before waiting for more input: a small response is one TLS record and one
         send() instead of three (the syscalls dominated the profile)."""
-        # The "still streaming" announcement: armed when the final head has been relayed and the rest of
-        # the response is not at hand yet (a small response never needs one: no timer per exchange).
-        timer: list = []
-        try:
-            return await self._relay_response_events(client, upstream, head, flow, t0, timer)
-        finally:
-            for handle in timer:
-                handle.cancel()
-
-    async def _relay_response_events(self, client, upstream: Upstream, head: RequestHead, flow: Flow, t0: float,
-                                     timer: list):
         cap = self.policy.body_capture_limit
         up = upstream.stream
         resp_reader = upstream.response_reader(head.method, self.policy.limits)
@@ -547,57 +534,64 @@ class Relay:
         queued = 0
         sent = False
         announce = self.started is not None and self.policy.stream_announce > 0
-        while True:
-            ev = resp_reader.next_event()
-            if ev is None:
-                if announce and resp is not None and not timer:
-                    timer.append(up.conn.loop.call_later(self.policy.stream_announce, self.started, flow))
-                if out:
-                    sent = True
-                    await client.send(b"".join(out) if len(out) > 1 else out[0])
-                    out.clear()
-                    queued = 0
-                data = await up.recv()
-                if flow.timing.first_byte_ms is None and data:
-                    flow.timing.first_byte_ms = (self.clock() - t0) * 1000
-                try:
-                    if data:
-                        resp_reader.feed(data)
-                    else:
-                        if getattr(up, "truncated", False) and resp is not None and resp.close_delimited:
-                            raise UpstreamProtocolError("the origin's TLS stream was cut short (no close_notify): "
-                                                        "the response may be truncated")
-                        resp_reader.feed_eof()
-                except UpstreamError as e:
-                    e._response_started = sent
-                    raise
-                continue
-            if isinstance(ev, Data):
-                flow.response.body.feed(ev.data, cap)
-                out.append(chunk(ev.data) if resp.chunked else ev.data)
-                queued += len(ev.data)
-                if queued >= 262144:  # keep memory per connection bounded (backpressure below)
-                    sent = True
+        # The "still streaming" announcement: armed when the final head has been relayed and the rest of
+        # the response is not at hand yet (a small response never needs one: no timer per exchange).
+        timer = None
+        try:
+            while True:
+                ev = resp_reader.next_event()
+                if ev is None:
+                    if announce and resp is not None and timer is None:
+                        timer = up.conn.loop.call_later(self.policy.stream_announce, self.started, flow)
+                    if out:
+                        sent = True
+                        await client.send(b"".join(out) if len(out) > 1 else out[0])
+                        out.clear()
+                        queued = 0
+                    data = await up.recv()
+                    if flow.timing.first_byte_ms is None and data:
+                        flow.timing.first_byte_ms = (self.clock() - t0) * 1000
+                    try:
+                        if data:
+                            resp_reader.feed(data)
+                        else:
+                            if getattr(up, "truncated", False) and resp is not None and resp.close_delimited:
+                                raise UpstreamProtocolError("the origin's TLS stream was cut short (no close_notify): "
+                                                            "the response may be truncated")
+                            resp_reader.feed_eof()
+                    except UpstreamError as e:
+                        e._response_started = sent
+                        raise
+                    continue
+                if isinstance(ev, Data):
+                    flow.response.body.feed(ev.data, cap)
+                    out.append(chunk(ev.data) if resp.chunked else ev.data)
+                    queued += len(ev.data)
+                    if queued >= 262144:  # keep memory per connection bounded (backpressure below)
+                        sent = True
+                        await client.send(b"".join(out))
+                        out.clear()
+                        queued = 0
+                elif isinstance(ev, ResponseHead):
+                    if not ev.informational:
+                        resp = ev
+                        flow.response = Response(status=ev.status, reason=ev.reason, http_version=ev.http_version,
+                                                 headers=ev.headers)
+                    out.append(serialize_response_head(ev.status, ev.reason, ev.http_version, ev.headers))
+                elif isinstance(ev, EndOfMessage):
+                    flow.response.trailers = ev.trailers
+                    if resp.chunked:
+                        out.append(last_chunk(ev.trailers))
+                    if resp_reader.switched:
+                        flow.upgraded = next((v.decode("latin-1") for k, v in resp.headers if k.lower() == b"upgrade"), "yes")
+                        out.append(resp_reader.leftover)  # the new protocol's first bytes, unchanged
                     await client.send(b"".join(out))
-                    out.clear()
-                    queued = 0
-            elif isinstance(ev, ResponseHead):
-                if not ev.informational:
-                    resp = ev
-                    flow.response = Response(status=ev.status, reason=ev.reason, http_version=ev.http_version,
-                                             headers=ev.headers)
-                out.append(serialize_response_head(ev.status, ev.reason, ev.http_version, ev.headers))
-            elif isinstance(ev, EndOfMessage):
-                flow.response.trailers = ev.trailers
-                if resp.chunked:
-                    out.append(last_chunk(ev.trailers))
-                if resp_reader.switched:
-                    flow.upgraded = next((v.decode("latin-1") for k, v in resp.headers if k.lower() == b"upgrade"), "yes")
-                    out.append(resp_reader.leftover)  # the new protocol's first bytes, unchanged
-                await client.send(b"".join(out))
-                if resp_reader.switched:
-                    return _Switched(resp_reader.leftover)
-                return resp.keep_alive and not resp_reader.unsolicited
+                    if resp_reader.switched:
+                        return _Switched(resp_reader.leftover)
+                    return resp.keep_alive and not resp_reader.unsolicited
+        finally:
+            if timer is not None:
+                timer.cancel()
 
     async def _upgraded(self, client, up, flow: Flow, client_bytes: bytes, server_bytes: bytes, t0: float) -> None:
         """After a 101: relay raw bytes both ways; for WebSocket, also parse the frames for the log.
