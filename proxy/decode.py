@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import codecs
+import functools
 import re
 import zlib
 from typing import NamedTuple
@@ -159,6 +160,7 @@ def _codings(content_encoding: str | None) -> list[str]:
 # --- media type and charset (RFC 9110 §8.3) -------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=256)  # an origin sends the same few values over and over (once per flow)
 def _content_type(value: bytes | None) -> tuple[str | None, str | None]:
     """(media type in lower case, charset parameter) from a Content-Type field value."""
     if value is None:
@@ -232,12 +234,11 @@ class _Look(NamedTuple):
 _CT_CE_LENGTHS = (len(b"content-type"), len(b"content-encoding"))
 
 
-def _look(message: Message, limit: int) -> _Look:
-    body = message.body
-    raw = bytes(body.captured)
+def _type_and_coding(message: Message) -> tuple[str | None, str | None, str | None]:
+    """(media type, charset, content coding) from the message's fields, in one pass over them."""
     ctype = None
-    cenc = []
-    for k, v in message.headers:  # one pass for both fields (this runs for every flow)
+    cenc = None
+    for k, v in message.headers:  # this runs for every message of every flow
         if len(k) not in _CT_CE_LENGTHS:
             continue
         lk = k.lower()
@@ -245,10 +246,17 @@ def _look(message: Message, limit: int) -> _Look:
             if ctype is None:
                 ctype = v
         elif lk == b"content-encoding":
-            cenc.append(v)
+            cenc = [v] if cenc is None else [*cenc, v]
     media, charset = _content_type(ctype)
     # RFC 9110 §5.3: repeated field lines combine into one comma-separated list, in order.
     encoding = ", ".join(v.decode("latin-1").strip() for v in cenc) if cenc else None
+    return media, charset, encoding
+
+
+def _look(message: Message, limit: int) -> _Look:
+    body = message.body
+    raw = bytes(body.captured)
+    media, charset, encoding = _type_and_coding(message)
     payload, partial = raw[:limit], body.truncated or len(raw) > limit
     decoded_size = error = None
     if raw and encoding is not None and any(c != "identity" for c in _codings(encoding)):
@@ -282,8 +290,12 @@ def render_body(message: Message, *, text_limit: int = 1 << 20) -> dict:
     `truncated` is true when the text or base64 shown is not the whole body, because the capture
     or `text_limit` (applied to the decoded bytes) cut it.
     """
-    look = _look(message, text_limit)
     body = message.body
+    if not body.captured:  # nothing to decode (a GET, a 204, or a body not captured)
+        media, _, encoding = _type_and_coding(message)
+        return {"size": body.size, "captured": 0, "truncated": body.truncated, "content_type": media,
+                "content_encoding": encoding, "decoded_size": None}
+    look = _look(message, text_limit)
     out: dict = {
         "size": body.size,
         "captured": len(body.captured),

@@ -163,8 +163,24 @@ class TlsSide:
     verify_result: str | None = None
     cert: CertInfo | None = None
     resumed: bool = False  # upstream: a resumed session (its certificate was verified on an earlier connection)
+    _cached: tuple | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+        if name != "_cached":
+            object.__setattr__(self, "_cached", None)  # a changed fact: render again
 
     def to_dict(self, client: bool) -> dict:
+        """The JSON-ready facts. One connection's flows all carry the same side, so the dict is made
+        once and shared by their records until a field changes (records are read, never modified)."""
+        cached = self._cached
+        if cached is not None and cached[0] is client:
+            return cached[1]
+        d = self._make_dict(client)
+        object.__setattr__(self, "_cached", (client, d))
+        return d
+
+    def _make_dict(self, client: bool) -> dict:
         # Written out rather than dataclasses.asdict(): this runs for every flow, and asdict's deep
         # copies cost more than the rest of the record together (measured with cProfile).
         d: dict[str, Any] = {"sni": self.sni, "version": self.version, "cipher": self.cipher, "alpn": self.alpn,
