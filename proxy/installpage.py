@@ -18,6 +18,7 @@ platform the page covers imports the PEM or DER certificate, so /cert/p12 answer
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import html
 from urllib.parse import urlsplit
@@ -59,6 +60,7 @@ _COMMON: list[Header] = [
 ]
 
 
+@functools.lru_cache(maxsize=1024)  # asked for every request
 def is_install_host(host: str) -> bool:
     """True for httpsdump.invalid in any case, with or without a trailing dot or a :port."""
     h = host.strip().lower()

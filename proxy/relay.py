@@ -19,6 +19,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import functools
 import hmac
 import logging
 import time
@@ -101,6 +102,7 @@ def _check_proxy_auth(head: RequestHead, expected: bytes | None) -> None:
     raise ProxyAuthRequired("proxy authentication required: send the credentials given to --proxy-auth")
 
 
+@functools.lru_cache(maxsize=1024)  # per request (Host): a client sends the same value over and over
 def _split_host_port(authority: str, default_port: int) -> tuple[str, int]:
     if authority.startswith("["):
         host, _, rest = authority[1:].partition("]")

@@ -225,9 +225,11 @@ class PlainStream:
         if data:
             self.bytes_out += len(data)
             _SENT[0] += len(data)
+            conn = self.conn
             try:
-                self.conn.write(data)
-                await self.conn.drain()
+                conn.write(data)
+                if conn._writing_paused or conn._lost:  # else drain() would return at once: no coroutine
+                    await conn.drain()
             except (ConnectionError, OSError, RuntimeError) as e:
                 raise self.error(_lost(e)) from None
 
@@ -348,7 +350,9 @@ class TLSStream:
             try:
                 self.engine.write(data)
                 self._flush()
-                await self.conn.drain()
+                conn = self.conn
+                if conn._writing_paused or conn._lost:  # else drain() would return at once: no coroutine
+                    await conn.drain()
             except TLSFailure as e:
                 raise self.error(f"TLS error: {e.reason}") from None
             except (ConnectionError, OSError, RuntimeError) as e:
