@@ -47,6 +47,17 @@ def dumps(record: dict) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+def dumps_line(record: dict) -> bytes:
+    """`dumps(record)` as UTF-8 bytes ending in a newline: a line of a JSON Lines file, made without
+    the detour through a str (orjson writes the bytes and the newline itself)."""
+    if _orjson is not None:
+        try:
+            return _orjson.dumps(record, option=_orjson.OPT_APPEND_NEWLINE)
+        except TypeError:  # lone surrogates: dumps() escapes them
+            pass
+    return dumps(record).encode("utf-8") + b"\n"
+
+
 def loads(text: bytes | str):
     """Parse JSON text (a record, as `dumps` wrote it): orjson when installed, the stdlib otherwise."""
     if _orjson is not None:
@@ -229,14 +240,25 @@ class Flow:
     tunnel: dict | None = None  # passthrough: {"host", "port", "bytes_from_client", "bytes_from_server"}
     websocket: dict | None = None  # after a WebSocket upgrade: messages both ways (proxy/websocket.py)
     stream_id: int | None = None  # HTTP/2: the client's stream id (proxy/http2.py)
-    _rendered: tuple | None = field(default=None, init=False, repr=False, compare=False)
+    _rendered: tuple | None = field(default=None, init=False, repr=False, compare=False)  # (record, line)
+    _text: str | None = field(default=None, init=False, repr=False, compare=False)
 
     def rendered(self) -> tuple[dict, str]:
         """(record, JSON text) with bodies decoded, computed once and shared by every sink (the JSON
         Lines log and the flow store write the same text). Call it only once the flow is complete."""
+        record, line = self._render()
+        if self._text is None:
+            self._text = line[:-1].decode("utf-8")
+        return record, self._text
+
+    def rendered_line(self) -> bytes:
+        """The same record as UTF-8 JSON text with a newline: a line for a JSON Lines file."""
+        return self._render()[1]
+
+    def _render(self) -> tuple[dict, bytes]:
         if self._rendered is None:
             record = self.to_dict(decode_body=_render_body())
-            self._rendered = (record, dumps(record))
+            self._rendered = (record, dumps_line(record))
         return self._rendered
     insecure: bool = False
 

@@ -102,7 +102,7 @@ class ProxyServer:
             _redact(flow, self._redact)
         if self._render:
             try:
-                flow.rendered()  # once, here, for every sink that writes the record
+                flow.rendered_line()  # once, here, for every sink that writes the record
             except Exception:
                 log.exception("cannot render flow %s", flow.id)
         for sink in self.sinks:

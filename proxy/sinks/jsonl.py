@@ -42,12 +42,10 @@ class JsonlSink:
 
     def emit(self, flow: Flow) -> None:
         try:
-            line = flow.rendered()[1] + "\n"  # rendered once for all sinks
+            data = flow.rendered_line()  # rendered once for all sinks
         except Exception:  # a rendering bug must not cost the relay a flow; say so loudly
             log.exception("JSONL sink could not render flow %s", getattr(flow, "id", "?"))
             return
-        # A lone surrogate (from surrogateescape'd input) becomes the JSON escape "\udcxx".
-        data = line.encode("utf-8", "backslashreplace")
         if self._loop is None:
             try:
                 self._loop = asyncio.get_running_loop()
