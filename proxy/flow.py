@@ -174,21 +174,20 @@ class TlsSide:
     verify_result: str | None = None
     cert: CertInfo | None = None
     resumed: bool = False  # upstream: a resumed session (its certificate was verified on an earlier connection)
-    _cached: tuple | None = field(default=None, init=False, repr=False, compare=False)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        object.__setattr__(self, name, value)
-        if name != "_cached":
-            object.__setattr__(self, "_cached", None)  # a changed fact: render again
+    _cached: tuple | None = field(default=None, init=False, repr=False, compare=False)  # (facts, dict)
 
     def to_dict(self, client: bool) -> dict:
         """The JSON-ready facts. One connection's flows all carry the same side, so the dict is made
-        once and shared by their records until a field changes (records are read, never modified)."""
+        once and shared by their records while the facts stay the same (records are read, never
+        modified). The facts are compared, not watched: a __setattr__ hook cost more per connection
+        (every field of every new side) than building the dict does."""
+        facts = (client, self.sni, self.version, self.cipher, self.alpn, self.alpn_offer, self.verified,
+                 self.insecure, self.verify_code, self.verify_result, self.cert, self.resumed)  # every field
         cached = self._cached
-        if cached is not None and cached[0] is client:
+        if cached is not None and cached[0] == facts:
             return cached[1]
         d = self._make_dict(client)
-        object.__setattr__(self, "_cached", (client, d))
+        self._cached = (facts, d)
         return d
 
     def _make_dict(self, client: bool) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import errno
 import gzip
 import io
@@ -341,3 +342,22 @@ def test_permission_denied_is_a_config_error(tmp_path):
         pytest.skip("root bypasses file permissions and no read-only sysfs file is at hand")
     with pytest.raises(ConfigError, match="Permission denied"):
         JsonlSink(target)
+
+
+def test_a_tls_side_renders_again_when_any_of_its_facts_changes():
+    """TlsSide.to_dict is shared by a connection's records; a change of any field must show."""
+    side = TlsSide(sni="a.test", version="TLSv1.3", cipher="X", alpn="http/1.1", alpn_offer=("http/1.1",),
+                   verified=True, verify_code=0, verify_result="ok",
+                   cert=CertInfo("CN=a", "CN=ca", ("DNS:a.test",), "00", "then", "later"))
+    first = side.to_dict(client=False)
+    assert side.to_dict(client=False) is first  # unchanged: the same dict
+    assert "verified" not in side.to_dict(client=True)  # the client view of the same side
+    changed = {"sni": "b.test", "version": "TLSv1.2", "cipher": "Y", "alpn": "h2", "alpn_offer": ("h2",),
+               "verified": False, "insecure": True, "verify_code": 10, "verify_result": "expired",
+               "cert": CertInfo("CN=b", "CN=ca", (), "11", "then", "later"), "resumed": True}
+    assert set(changed) == {f.name for f in dataclasses.fields(TlsSide) if f.init}, "a new field: cover it here"
+    for name, value in changed.items():
+        before = side.to_dict(client=False)
+        setattr(side, name, value)
+        after = side.to_dict(client=False)
+        assert after is not before and after != before, name
