@@ -266,8 +266,7 @@ class Relay:
                 engine.choose_alpn(("h2",) if h2 else ("http/1.1",))
                 upstream.alpn = ("h2",) if h2 else ("http/1.1",)  # a reconnect speaks what was chosen
             try:
-                async with asyncio.timeout(self.policy.handshake_timeout):  # no task, unlike wait_for
-                    await stream.handshake(buf)
+                await stream.handshake(buf, self.policy.handshake_timeout)
             except TimeoutError:
                 raise ClientTimeout(f"the client's TLS handshake for {name} did not complete in time") from None
             except TLSFailure as f:

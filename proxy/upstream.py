@@ -164,8 +164,7 @@ class Upstream:
                        alpn_offer=tuple(self.alpn))
         self.tls = side
         try:
-            async with asyncio.timeout(pol.handshake_timeout):
-                await stream.handshake()
+            await stream.handshake(timeout=pol.handshake_timeout)
         except TimeoutError:
             engine.free()
             raise UpstreamTimeout(f"TLS handshake with {self.tls_name} timed out after {pol.handshake_timeout:g} s") from None
