@@ -245,16 +245,17 @@ class Flow:
     def rendered(self) -> tuple[dict, str]:
         """(record, JSON text) with bodies decoded, computed once and shared by every sink (the JSON
         Lines log and the flow store write the same text). Call it only once the flow is complete."""
-        record, line = self._render()
+        record, line = self.rendered_bytes()
         if self._text is None:
             self._text = line[:-1].decode("utf-8")
         return record, self._text
 
     def rendered_line(self) -> bytes:
         """The same record as UTF-8 JSON text with a newline: a line for a JSON Lines file."""
-        return self._render()[1]
+        return self.rendered_bytes()[1]
 
-    def _render(self) -> tuple[dict, bytes]:
+    def rendered_bytes(self) -> tuple[dict, bytes]:
+        """(record, rendered_line()): for sinks that write bytes and also read the record."""
         if self._rendered is None:
             record = self.to_dict(decode_body=_render_body())
             self._rendered = (record, dumps_line(record))

@@ -46,7 +46,7 @@ import time
 from dataclasses import dataclass
 
 from .errors import ConfigError
-from .flow import Flow, dumps, loads
+from .flow import Flow, dumps_line, loads
 
 __all__ = ["LogSpec", "LoggerProcess", "LogChannel", "start_logger"]
 
@@ -100,7 +100,7 @@ class LogChannel:
         self._columns = columns
         self._delay, self._batch_bytes = flush_delay, batch_bytes
         self._max_pending, self._block_timeout = max_pending, block_timeout
-        self._lines: list[str] = []
+        self._lines: list[bytes] = []  # whole lines, each ending in a newline
         self._size = 0
         self._out = bytearray()  # framed, not yet taken by the socket
         self._frames: list[list[int]] = []  # [bytes left, records, size] per frame in _out, oldest first
@@ -120,18 +120,18 @@ class LogChannel:
         if self._closed:
             log.warning("log channel: flow %s emitted after close; dropped", flow.id)
             return
-        record, text = flow.rendered()
+        record, line = flow.rendered_bytes()  # UTF-8 already: no text made for the channel
         if self._dead is not None:
             self._lost(1)
             return
         if self._columns:
             from .store import record_columns
 
-            self._lines.append(dumps([record["id"], *record_columns(record)]))
+            self._lines.append(dumps_line([record["id"], *record_columns(record)]))
         else:
-            self._lines.append("")
-        self._lines.append(text)
-        self._size += len(text)
+            self._lines.append(b"\n")
+        self._lines.append(line)
+        self._size += len(line)
         if self._loop is None:
             try:
                 self._loop = asyncio.get_running_loop()
@@ -151,7 +151,7 @@ class LogChannel:
             self._timer = None
         if not self._lines:
             return
-        payload = ("\n".join(self._lines) + "\n").encode("utf-8", "backslashreplace")
+        payload = b"".join(self._lines)
         count = len(self._lines) // 2
         self._lines, self._size = [], 0
         if self._dead is not None:
