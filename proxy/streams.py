@@ -51,6 +51,9 @@ class Conn(asyncio.Protocol):
         self._writing_paused = False
         self._waiter: asyncio.Future | None = None
         self._drain_waiter: asyncio.Future | None = None
+        self._deadline: float | None = None  # loop time by which the read in progress must get data
+        self._timer: asyncio.TimerHandle | None = None  # the connection's one read timer (see _bound)
+        self._timer_at = 0.0
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -86,6 +89,9 @@ class Conn(asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         self._eof = self._lost = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self._wake()
         w = self._drain_waiter
         if w is not None and not w.done():
@@ -108,18 +114,18 @@ class Conn(asyncio.Protocol):
     # --- for the streams ----------------------------------------------------------------------
     async def read(self, timeout: float | None = None) -> bytes:
         """The next received bytes, or b"" at end of stream. TimeoutError when nothing arrived within
-        `timeout` seconds (a timer on the loop: cheaper than asyncio.timeout() around the call)."""
+        `timeout` seconds (see _bound: cheaper than asyncio.timeout() around the call)."""
         if not self._chunks:
             if self._eof:
                 return b""
             waiter = self._waiter = self._loop.create_future()
-            timer = None if timeout is None else self._loop.call_later(timeout, _expire, waiter)
+            if timeout is not None:
+                self._bound(self._loop.time() + timeout)
             try:
                 await waiter
             finally:
                 self._waiter = None
-                if timer is not None:
-                    timer.cancel()
+                self._deadline = None
             if not self._chunks:
                 return b""
         data = self._chunks.popleft() if len(self._chunks) == 1 else b"".join(self._chunks)
@@ -129,6 +135,30 @@ class Conn(asyncio.Protocol):
             self._reading_paused = False
             self.transport.resume_reading()
         return data
+
+    def _bound(self, deadline: float) -> None:
+        """Fail the read in progress with TimeoutError if no data came by `deadline` (loop time). One
+        timer per connection, left armed when a read ends and moved on only when it fires: uvloop's
+        call_later() and cancel() cost ~2 us, once per request before (keep-alive reads each start a
+        new idle deadline; the timer then fires once per idle timeout and finds the read still young)."""
+        self._deadline = deadline
+        timer = self._timer
+        if timer is None or deadline < self._timer_at:
+            if timer is not None:
+                timer.cancel()
+            self._timer_at = deadline
+            self._timer = self._loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        deadline, waiter = self._deadline, self._waiter
+        if deadline is None or waiter is None:
+            return  # no read is waiting: the next one arms the timer again
+        if self._loop.time() >= deadline:
+            _expire(waiter)
+        else:
+            self._timer_at = deadline
+            self._timer = self._loop.call_at(deadline, self._on_timer)
 
     def at_eof(self) -> bool:
         return self._eof and not self._chunks

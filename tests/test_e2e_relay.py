@@ -329,3 +329,38 @@ def test_an_origin_that_never_answers_the_tls_handshake_gives_504(start_proxy, t
         assert err["kind"] == "upstream_timeout" and err["status"] == 504, err
     finally:
         origin.close()
+
+
+# --- waiting for the client: header_timeout (first head) and idle_timeout (between requests) --------
+
+def test_a_kept_alive_connection_lives_while_used_and_closes_when_idle(start_proxy, tmp_path, origins):
+    p = start_proxy("--config", str(_config(tmp_path, "idle_timeout = 1\n")))
+    plain = origins["plain"]
+    s = socket.create_connection(("127.0.0.1", p.port), timeout=15)
+    f = s.makefile("rb")
+    req = f"GET http://127.0.0.1:{plain.port}/hello HTTP/1.1\r\nHost: 127.0.0.1:{plain.port}\r\n\r\n".encode()
+    for i in range(4):  # 4 x 0.6 s on one connection: each request starts a new idle second
+        if i:
+            time.sleep(0.6)
+        s.sendall(req)
+        assert read_response(f).status == 200, f"request {i + 1}"
+    t0 = time.monotonic()
+    assert f.read() == b"", "the proxy closes the idle connection"
+    waited = time.monotonic() - t0
+    s.close()
+    assert 0.8 <= waited < 5, f"closed after {waited:.1f} s idle, idle_timeout is 1 s"
+    assert [r["response"]["status"] for r in p.flows(4)] == [200] * 4
+
+
+def test_a_request_head_that_stalls_gets_408(start_proxy, tmp_path, origins):
+    p = start_proxy("--config", str(_config(tmp_path, "header_timeout = 1\n")))
+    plain = origins["plain"]
+    s = socket.create_connection(("127.0.0.1", p.port), timeout=15)
+    s.sendall(f"GET http://127.0.0.1:{plain.port}/hello HTTP/1.1\r\nHost: x\r\n".encode())  # no end of head
+    t0 = time.monotonic()
+    resp = read_response(s.makefile("rb"))
+    waited = time.monotonic() - t0
+    s.close()
+    assert resp.status == 408 and b"no complete request head within 1 s" in resp.body, resp
+    assert 0.8 <= waited < 5, waited
+    assert p.flow()["error"]["kind"] == "client_timeout"
