@@ -156,6 +156,9 @@ class _Reader:
         self._trailers: Headers | None = None
         self._span = 0  # bytes the head being parsed may span at most (see _check_head)
         self._carried = 0  # bytes fed in earlier calls while a head was unfinished
+        self._chunked = False  # the message's body is chunked (from the end of its head): see _feed
+        self._moved = False  # a field, body data or a chunk boundary came out of the current feed
+        self._stalled = 0  # bytes fed in a chunked body that brought none of those
 
     # httptools callbacks -------------------------------------------------------------------
     def on_message_begin(self) -> None:
@@ -164,6 +167,7 @@ class _Reader:
         self._headers = self._fields = []
         self._in_head = True
         self._trailers = None
+        self._chunked = False
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -176,6 +180,7 @@ class _Reader:
     def on_header(self, name: bytes, value: bytes) -> None:
         # Called for every field of every message: one append and one count check. The size of the
         # block is checked once the head is complete (_check_head); feed() bounds an unfinished head.
+        self._moved = True
         fields = self._fields
         fields.append((name, value))
         if len(fields) > self.limits.max_headers:
@@ -191,13 +196,15 @@ class _Reader:
             raise self._too_large(f"header block larger than {limit} bytes")
 
     def on_body(self, body: bytes) -> None:
+        self._moved = True
         if body:
             self.events.append(Data(body))
 
     def on_chunk_complete(self) -> None:
-        pass
+        self._moved = True
 
     def on_chunk_header(self) -> None:
+        self._moved = True
         # Header callbacks after this one are trailers (RFC 9112 §7.1.2).
         if self._trailers is None:
             self._trailers = self._fields = []
@@ -209,6 +216,9 @@ class _Reader:
     def _feed(self, parser, data: bytes, error_cls) -> None:
         n = len(data)
         self._span = self._carried + n
+        chunked = self._chunked
+        if chunked:
+            self._moved = False
         try:
             parser.feed_data(data)
         except httptools.HttpParserCallbackError as e:
@@ -223,6 +233,19 @@ class _Reader:
             raise error_cls(f"malformed HTTP: {e}") from None
         finally:
             self._carried = self._carried + n if self._in_head else 0
+        # In a chunked body, bytes that brought no field, no body data and no chunk boundary are a
+        # chunk-size line, a chunk extension or a trailer field still arriving. httptools keeps a
+        # field's pieces until it ends, so an endless trailer field would grow without bound: bounded
+        # like a head instead. (Heads have their own bound; other bodies hold nothing back.)
+        if not chunked:
+            return
+        if self._moved or self._in_head:
+            self._stalled = 0
+        else:
+            self._stalled += n
+            bound = self.limits.max_head + self.limits.max_request_line
+            if self._stalled > bound:
+                raise self._too_large(f"a chunk-size line, chunk extension or trailer field longer than {bound} bytes")
 
     def next_event(self):
         return self.events.pop(0) if self.events else None
@@ -270,6 +293,7 @@ class RequestReader(_Reader):
         if version not in ("1.0", "1.1"):
             # An HTTP/0.9 request line (no version) or "HTTP/2.0" in text: never forwarded as is.
             raise VersionNotSupported(f"HTTP/{version} requests are not supported (HTTP/1.0 and 1.1 only)")
+        self._chunked = chunked
         self._heads_queued += 1
         if self._heads_queued > self.limits.max_pipelined:
             raise TooManyPipelined(f"more than {self.limits.max_pipelined} pipelined requests queued")
@@ -357,6 +381,7 @@ class ResponseReader(_Reader):
             # the stream ambiguous (llhttp's reading of what follows depends on how the bytes arrive).
             raise UpstreamProtocolError(f"the origin sent a {status} interim response with a body")
         no_body = self._head_only or status in (101, 204, 304) or informational
+        self._chunked = chunked and not no_body
         self._close_delimited = not (no_body or chunked or length is not None)
         head = ResponseHead(
             status=status,

@@ -98,6 +98,40 @@ def test_unfinished_huge_head_is_refused_before_it_completes():
             r.feed(b"a" * 100)  # never a CRLF: llhttp would buffer it all
 
 
+@pytest.mark.parametrize("side", ["request", "response"])
+def test_an_endless_trailer_field_or_chunk_line_is_refused_before_it_grows(side):
+    """httptools keeps a field's pieces until it ends: after the head, bytes that complete nothing are
+    bounded like a head (431 from a client, a protocol error from an origin)."""
+    limits = Limits(max_head=1000, max_request_line=100)
+    if side == "request":
+        make, error = (lambda: RequestReader(limits)), HeadersTooLarge
+        head = b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    else:
+        make, error = (lambda: ResponseReader("GET", limits)), UpstreamProtocolError
+        head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    for endless in (b"5\r\nhello\r\n0\r\nX-Trailer: ", b"5;ext=", b"0000000000"):
+        r = make()
+        r.feed(head + endless)
+        fed = 0
+        with pytest.raises(error, match="chunk-size line, chunk extension or trailer field"):
+            for _ in range(100):
+                r.feed(b"a" * 100 if endless != b"0000000000" else b"0" * 100)
+                fed += 100
+        assert fed <= 1100, f"{endless!r}: {fed} bytes taken before the refusal"
+
+
+def test_chunked_bodies_that_make_progress_are_not_limited():
+    limits = Limits(max_head=1000, max_request_line=100)
+    r = RequestReader(limits)
+    r.feed(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n" % 50_000)
+    for _ in range(500):  # one 50,000-byte chunk arriving 100 bytes at a time
+        r.feed(b"b" * 100)
+    r.feed(b"\r\n" + b"1\r\nc\r\n" * 5000 + b"0\r\nX-Sum: 1\r\nX-More: 2\r\n\r\n")  # many tiny chunks at once
+    evs = events(r)
+    assert len(body_of(evs)) == 55_000
+    assert evs[-1].trailers == [(b"X-Sum", b"1"), (b"X-More", b"2")]
+
+
 def test_connect_and_upgrade_hand_back_the_following_bytes():
     r = RequestReader()
     r.feed(b"CONNECT a.test:443 HTTP/1.1\r\nHost: a.test:443\r\n\r\n\x16\x03\x01")
