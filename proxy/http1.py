@@ -64,6 +64,11 @@ class Limits:
     max_headers: int = 100
     max_pipelined: int = 32  # request heads parsed ahead of the one being served
 
+    @property
+    def unfinished(self) -> int:
+        """Bytes that may arrive before a head, or a chunk-size line or trailer field, is complete."""
+        return self.max_head + self.max_request_line
+
 
 @dataclass(slots=True)
 class RequestHead:
@@ -243,7 +248,7 @@ class _Reader:
             self._stalled = 0
         else:
             self._stalled += n
-            bound = self.limits.max_head + self.limits.max_request_line
+            bound = self.limits.unfinished
             if self._stalled > bound:
                 raise self._too_large(f"a chunk-size line, chunk extension or trailer field longer than {bound} bytes")
 
@@ -320,7 +325,7 @@ class RequestReader(_Reader):
             self.upgraded = True
             self.leftover = data[int(e.args[0]) :]
         # llhttp buffers a header that spans reads; bound what an unfinished head may hold.
-        if self._in_head and self._carried > self.limits.max_head + self.limits.max_request_line:
+        if self._in_head and self._carried > self.limits.unfinished:
             raise HeadersTooLarge(f"request head larger than {self.limits.max_head} bytes")
 
 
@@ -391,7 +396,7 @@ class ResponseReader(_Reader):
             # llhttp takes a HEAD response without Content-Length for a close-delimited one; it is bodiless.
             keep_alive=(_persistent(self._headers, version) if self._head_only
                         else p.should_keep_alive() and not self._close_delimited),
-            chunked=chunked and not no_body,
+            chunked=self._chunked,
             content_length=length,
             close_delimited=self._close_delimited,
             informational=informational,
@@ -461,7 +466,7 @@ class ResponseReader(_Reader):
                 self._head_buf.clear()
                 if rest.strip(b"\r\n") and not self.switched:  # stray empty lines are tolerated (see feed)
                     self.unsolicited = True
-        if len(self._head_buf) > self.limits.max_head + self.limits.max_request_line:
+        if len(self._head_buf) > self.limits.unfinished:
             raise UpstreamProtocolError(f"the origin's response head is larger than {self.limits.max_head} bytes")
 
     def feed_eof(self) -> None:
