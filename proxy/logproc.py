@@ -453,7 +453,7 @@ class _Outputs:
                 from .store import StoreWriter
 
                 self.store = StoreWriter(spec.store_path, max_flows=spec.store_max_flows,
-                                         max_bytes=spec.store_max_bytes)
+                                         max_bytes=spec.store_max_bytes, one_statement=False)
                 self.store.enforce_retention()
             if spec.har_file:
                 from .har import HarFileSink

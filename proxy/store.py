@@ -97,7 +97,10 @@ _INSERT = ("INSERT OR REPLACE INTO flows (id, start, host, method, status, url, 
 # The same insert for a whole batch in ONE statement: the rows arrive as a JSON array and json_each()
 # unpacks them inside SQLite (3.38+ for ->>). executemany() steps once per row, and Python's sqlite3
 # releases and retakes the GIL around every step: with the relay busy on the other side of the GIL,
-# those hand-offs cost more CPU than the inserts (bench/ profile, keep-alive c=50).
+# those hand-offs cost more CPU than the inserts (bench/ profile, keep-alive c=50). Only for a writer
+# thread beside other Python threads: alone in a process (the logger), executemany() costs less than
+# half as much per row (22 vs 49 us for a keep-alive record, measured on 20,000 bench records), since
+# the batch's JSON is escaped once more by the writer and parsed again by SQLite.
 _INSERT_BATCH = ("INSERT OR REPLACE INTO flows (id, start, host, method, status, url, mode, error_kind, size,"
                  " duration, record) SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5,"
                  " value->>6, value->>7, value->>8, value->>9, value->>10 FROM json_each(?)")
@@ -589,9 +592,12 @@ class StoreWriter:
     """
 
     def __init__(self, path: str, *, max_flows: int = DEFAULT_MAX_FLOWS, max_bytes: int = DEFAULT_MAX_BYTES,
-                 retention_every: int = 500) -> None:
+                 retention_every: int = 500, one_statement: bool = True) -> None:
         if max_flows < 1 or max_bytes < 1:
             raise ConfigError("flow store limits must be positive")
+        # one_statement: a batch of small records in one INSERT (_INSERT_BATCH), for a writer thread
+        # that shares the GIL; a writer alone in its process inserts row by row (see _INSERT_BATCH).
+        self._one_statement = one_statement and _BATCH_INSERT_OK
         self.path = os.path.expanduser(os.fspath(path))
         self.conn = _connect(self.path, readonly=False)
         self._retention = _Retention(max_flows, max_bytes, retention_every)
@@ -616,7 +622,7 @@ class StoreWriter:
                     # One statement for a batch of small records; large ones (decoded bodies) go
                     # row by row: inside the batch's JSON array each record's text would be escaped
                     # again and parsed again by SQLite, which costs more than the per-row calls.
-                    if _BATCH_INSERT_OK and nbytes <= _BATCH_MAX_ROW_BYTES * len(rows):
+                    if self._one_statement and nbytes <= _BATCH_MAX_ROW_BYTES * len(rows):
                         conn.execute(_INSERT_BATCH, (dumps_rows(rows),))
                     else:
                         conn.executemany(_INSERT, rows)

@@ -146,6 +146,37 @@ def test_one_row_per_flow_with_indexed_columns_and_the_full_record(tmp_path):
         ("POST", 201, "http", "http://good.test/api/items?q=a%20b&flag&x=1")
 
 
+@pytest.mark.parametrize("one_statement", [True, False])
+def test_both_ways_of_writing_a_batch_store_the_same_rows(tmp_path, one_statement):
+    # A writer thread inserts a batch of small records in one statement (JSON unpacked by SQLite); the
+    # logger process inserts row by row. Same rows, same columns, same text, either way.
+    from proxy.flow import dumps_line
+    from proxy.store import StoreWriter
+
+    path = store_path(tmp_path)
+    flows = [make_flow(START), failed_flow(START + 1), handshake_failure(START + 2), binary_flow(START + 3),
+             post_flow(START + 4), make_flow(START + 5, body="\u00e9\"\\\n\t\u2028".encode() * 3)]
+    rows = []
+    for f in flows:
+        record = f.to_dict(decode_body=render_body)
+        rows.append((record["id"], *record_columns(record), dumps_line(record)[:-1].decode()))
+    writer = StoreWriter(path, one_statement=one_statement)
+    try:
+        assert writer.write_rows(rows, sum(len(r[-1]) for r in rows)) == 0
+    finally:
+        writer.close()
+    with open_store(path) as store:
+        assert [r == expected_record(f) for r, f in zip(store.query(), flows)] == [True] * len(flows)
+        summaries = list(store.summaries())
+    assert [tuple(s.values()) for s in summaries] == [row[:-1] for row in rows]
+    conn = sqlite3.connect(path)
+    try:
+        texts = [t for (t,) in conn.execute("SELECT record FROM flows ORDER BY start")]
+    finally:
+        conn.close()
+    assert texts == [row[-1] for row in rows]
+
+
 def test_schema_columns_and_indexes(tmp_path):
     path = store_path(tmp_path)
     fill(path, [make_flow()])
