@@ -15,7 +15,11 @@ COPY ca ./ca
 RUN python -m venv /opt/httpsdump \
  && /opt/httpsdump/bin/pip install --no-cache-dir -q setuptools wheel \
  && /opt/httpsdump/bin/pip install --no-cache-dir -q --no-build-isolation "M2Crypto>=0.51" \
- && /opt/httpsdump/bin/pip install --no-cache-dir -q --no-build-isolation .
+ && /opt/httpsdump/bin/pip install --no-cache-dir -q --no-build-isolation ".[compiled]"
+# The compiled build of the hot modules (proxy/accel.py), checked complete; Cython is not needed after.
+RUN cd / && /opt/httpsdump/bin/python -m proxy.accel_build \
+ && /opt/httpsdump/bin/python -m proxy.accel_build --status \
+ && /opt/httpsdump/bin/pip uninstall -y -q cython
 
 FROM python:3.11-slim
 RUN apt-get update \

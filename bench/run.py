@@ -366,6 +366,12 @@ def snapshot_code(ctx, source: str) -> str:
                            cwd=dest, env=ctx.hd_env, capture_output=True, text=True).stdout
     if str(dest) not in where or where.count(str(dest)) != 2:
         raise RuntimeError(f"the snapshot in {dest} is not what python imports: {where!r}")
+    # The compiled build of the snapshot's hot modules (proxy/accel.py), kept in bench/.work/compiled
+    # (only what changed since the last bench is compiled again); HTTPSDUMP_COMPILED=0 benches the source.
+    if ctx.hd_env.get("HTTPSDUMP_COMPILED") != "0":
+        subprocess.run([str(HTTPSDUMP_PY), "-m", "proxy.accel_build", "--quiet"], cwd=dest, env=ctx.hd_env)
+    ctx.compiled = subprocess.run([str(HTTPSDUMP_PY), "-m", "proxy.accel_build", "--status"], cwd=dest,
+                                  env=ctx.hd_env, capture_output=True, text=True).stdout.strip()
     return desc
 
 
@@ -772,7 +778,7 @@ def render(meta: dict, summary: dict, goals: list[dict], targets: list[str], pre
     L.append(f"Command: `{meta['command']}` ({meta['mode']}, {meta['rounds']} round(s), "
              f"{meta['params']['seconds']} s timed phase per run, targets interleaved each round)\n")
     L.append("## Machine\n")
-    for k in ("nproc", "cpu_model", "kernel", "httpsdump_code", "loadavg_at_start", "python_httpsdump", "python_mitmproxy", "openssl", "m2crypto_openssl",
+    for k in ("nproc", "cpu_model", "kernel", "httpsdump_code", "httpsdump_compiled", "loadavg_at_start", "python_httpsdump", "python_mitmproxy", "openssl", "m2crypto_openssl",
               "mitmproxy", "nginx", "go", "pinning"):
         L.append(f"- {k}: {meta['machine'].get(k)}")
     L.append("")
@@ -884,6 +890,7 @@ def machine_facts(ctx) -> dict:
         "nginx": out(["nginx", "-v"]),
         "go": out(["go", "version"]),
         "httpsdump_code": ctx.code_desc,
+        "httpsdump_compiled": ctx.compiled,
         "loadavg_at_start": open("/proc/loadavg").read().split()[:3],
         "pinning": f"proxy on CPU {PROXY_CPU}; nginx (1 process) and load client (GOMAXPROCS=1) on CPU {ORIGIN_CPU}",
     }
@@ -1012,7 +1019,7 @@ def main() -> int:
             return 2
     raise_nofile()
     ctx.code = WORK / "code"
-    ctx.hd_env = {**os.environ, "PYTHONPATH": str(ctx.code)}
+    ctx.hd_env = {**os.environ, "PYTHONPATH": str(ctx.code), "HTTPSDUMP_COMPILED_DIR": str(WORK / "compiled")}
     ctx.hd_env.pop("PYTHONSAFEPATH", None)
     WORK.mkdir(parents=True, exist_ok=True)
     ctx.code_desc = snapshot_code(ctx, a.code)

@@ -21,4 +21,11 @@ The pipeline, and which module owns each step::
 Only relay.py, relay_h2.py, streams.py, upstream.py, server.py and cli.py await or touch sockets; everything else is fed bytes
 and returns values or events, and is tested that way. Every failure is a ProxyError (errors.py) with
 the HTTP status the client gets and the record the log keeps; the core never prints.
+
+accel.py: the modules above that a request runs through are compiled unchanged by Cython when a build
+of exactly this source exists (python -m proxy.accel_build; ./dev makes it); otherwise they run as Python.
 """
+
+from . import accel
+
+accel.install()  # the compiled build of the hot modules, when there is one that matches the source

@@ -21,6 +21,7 @@ import os
 import signal
 import sys
 
+from . import accel
 from .errors import CAError, ConfigError
 
 __all__ = ["main"]
@@ -234,6 +235,7 @@ def _run_loop(main, choice: str) -> int:
     # and the relay's per-request objects are freed by reference counting, not by the collector.
     gc.freeze()
     gc.set_threshold(10_000, 20, 20)
+    log.debug("%s", accel.summary())
     if choice != "asyncio":
         try:
             import uvloop

@@ -11,8 +11,9 @@
 #   1. a throw-away CA and a leaf for localhost/127.0.0.1 (openssl), an origin `openssl s_server -WWW`
 #      serving a file with a random token;
 #   2. build the image; in a container of it, as its own user: start httpsdump (--allow-any-client,
-#      --upstream-ca = the throw-away CA, --log-file), export its CA with `httpsdump ca export` (what the
-#      ca-cert service of docker-compose.yml does), fetch https://localhost:PORT/token.txt through it
+#      --upstream-ca = the throw-away CA, --log-file), check that it runs the compiled build of the hot
+#      modules, export its CA with `httpsdump ca export` (what the ca-cert service of docker-compose.yml
+#      does), fetch https://localhost:PORT/token.txt through it
 #      with https_proxy + SSL_CERT_FILE = that CA (the compose client's setup), check the body, the JSON
 #      Lines flow (origin verified) and that without the CA the client refuses; SIGTERM -> exit 0;
 #   3. check docker-compose.yml's structure (python3-yaml).
@@ -95,6 +96,10 @@ while port is None:
             fail(f"httpsdump did not start (exit {proxy.poll()}): {''.join(lines)[-2000:]}")
         time.sleep(0.05)
 print(f"httpsdump runs in the image, listening on 127.0.0.1:{port}")
+st = subprocess.run(["python", "-m", "proxy.accel_build", "--status"], capture_output=True, text=True, timeout=30)
+if st.returncode != 0:
+    fail(f"the image must run the compiled build of the hot modules: {st.stdout}{st.stderr}")
+print(f"the image's {st.stdout.strip()}")
 
 # what the ca-cert service of docker-compose.yml does: the certificate, never the key
 os.makedirs(f"{D}/ca-public")

@@ -1,0 +1,134 @@
+"""The compiled build (proxy/accel.py, proxy/accel_build.py): the suite runs on it, and a build is
+used only for the sources it was made from.
+
+The build tests compile one small module for real (Cython and gcc, a few seconds) from a copy of the
+package, into a directory of their own, and look at what a fresh interpreter imports.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+import proxy.relay
+from proxy import accel
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+EXT = sysconfig.get_config_var("EXT_SUFFIX")
+
+
+def test_the_suite_runs_on_what_the_environment_says():
+    """`./dev test` compiles the hot modules first, so the suite tests the build; with HTTPSDUMP_COMPILED=0
+    (the second run of .ci/run) it tests the source. Either way every listed module is one or the other."""
+    s = accel.status()
+    if os.environ.get("HTTPSDUMP_COMPILED") == "0":
+        assert not s["enabled"] and s["reason"] == "HTTPSDUMP_COMPILED=0"
+        assert proxy.relay.__file__.endswith("relay.py")
+    else:
+        assert s["enabled"], s["reason"]
+        assert s["from_source"] == [], f"edited since the build (./dev test compiles them again): {s['from_source']}"
+        assert sorted(s["compiled"]) == sorted(accel.module_name(m) for m in accel.MODULES)
+        assert proxy.relay.__file__.endswith("relay" + EXT)
+
+
+@pytest.fixture()
+def package_copy(tmp_path):
+    src = tmp_path / "src"
+    for pkg in ("proxy", "ca"):
+        shutil.copytree(REPO_ROOT / pkg, src / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    return src
+
+
+def run(src: Path, build: Path, code: str, **env: str) -> subprocess.CompletedProcess:
+    environ = {k: v for k, v in os.environ.items() if k not in ("HTTPSDUMP_COMPILED", "PYTHONPATH")}
+    environ.update(PYTHONPATH=str(src), HTTPSDUMP_COMPILED_DIR=str(build), **env)
+    return subprocess.run([sys.executable, "-c", code], cwd=src, env=environ, capture_output=True, text=True,
+                          timeout=300)
+
+
+IMPORTS = """
+import json
+import proxy.hostmatch, proxy.relay
+from proxy import accel
+from proxy.hostmatch import HostPatterns
+p = HostPatterns(["*.example.com", "*:8443"])
+print(json.dumps({"hostmatch": proxy.hostmatch.__file__, "relay": proxy.relay.__file__, "status": accel.status(),
+                  "summary": accel.summary(),
+                  "works": [p.match("a.example.com"), p.match("example.com"), p.match("x.test", 8443)]}))
+"""
+BUILD_ONE = "import sys; from proxy import accel_build; sys.exit(accel_build.build(modules=('proxy/hostmatch.py',)))"
+
+
+def imports(src: Path, build: Path, **env: str) -> dict:
+    r = run(src, build, IMPORTS, **env)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    out = json.loads(r.stdout)
+    assert out["works"] == [True, False, True]  # the same behaviour, compiled or not
+    return out
+
+
+def test_a_build_is_used_only_for_the_source_it_was_made_from(package_copy, tmp_path):
+    build = tmp_path / "build"
+    r = run(package_copy, build, BUILD_ONE)
+    assert r.returncode == 0, r.stderr
+    assert "compiling 1 module(s)" in r.stderr
+    manifest = json.loads((build / "manifest.json").read_text())
+    assert manifest["abi"] == EXT and set(manifest["modules"]) == {"proxy/hostmatch.py"}
+    assert (build / "proxy" / ("hostmatch" + EXT)).is_file()
+
+    out = imports(package_copy, build)
+    assert out["hostmatch"] == str(build / "proxy" / ("hostmatch" + EXT))
+    assert out["relay"] == str(package_copy / "proxy" / "relay.py")  # not in this build: the source
+    assert out["status"]["compiled"] == ["proxy.hostmatch"] and "proxy.relay" in out["status"]["from_source"]
+    assert out["summary"].startswith(f"compiled build: 1 of {len(accel.MODULES)} modules; from source")
+
+    # Nothing changed: building again compiles nothing.
+    r = run(package_copy, build, BUILD_ONE)
+    assert r.returncode == 0 and "compiling" not in r.stderr, r.stderr
+
+    # An edited module is imported from its source until it is compiled again.
+    src = package_copy / "proxy" / "hostmatch.py"
+    src.write_text(src.read_text() + "\n# edited\n")
+    out = imports(package_copy, build)
+    assert out["hostmatch"] == str(src)
+    assert "proxy.hostmatch" in out["status"]["from_source"] and not out["status"]["enabled"]
+    assert "does not match these sources" in out["summary"]
+    r = run(package_copy, build, BUILD_ONE)
+    assert r.returncode == 0 and "compiling 1 module(s)" in r.stderr, r.stderr
+    assert imports(package_copy, build)["hostmatch"].endswith("hostmatch" + EXT)
+
+    # HTTPSDUMP_COMPILED=0: everything from source.
+    out = imports(package_copy, build, HTTPSDUMP_COMPILED="0")
+    assert out["hostmatch"] == str(src) and out["summary"] == "compiled build: off (HTTPSDUMP_COMPILED=0)"
+
+
+@pytest.mark.parametrize("manifest", ["{", '{"abi": ".cpython-0-other.so", "modules": {}}', "[]"])
+def test_an_unreadable_or_foreign_manifest_means_source(package_copy, tmp_path, manifest):
+    build = tmp_path / "build"
+    build.mkdir()
+    (build / "manifest.json").write_text(manifest)
+    out = imports(package_copy, build)
+    assert out["hostmatch"].endswith("hostmatch.py") and out["relay"].endswith("relay.py")
+    assert out["summary"].startswith("compiled build: off (no compiled build in")
+
+
+def test_without_cython_the_build_says_so_and_the_proxy_runs_from_source(package_copy, tmp_path):
+    build = tmp_path / "build"
+    r = run(package_copy, build, "import sys; sys.modules['Cython'] = None\n" + BUILD_ONE)
+    assert r.returncode == 1
+    assert "no compiled build: Cython is not installed" in r.stderr and "Traceback" not in r.stderr
+    assert imports(package_copy, build)["hostmatch"].endswith("hostmatch.py")
+
+
+def test_status_exits_1_unless_every_module_runs_compiled(package_copy, tmp_path):
+    build = tmp_path / "build"
+    assert run(package_copy, build, BUILD_ONE).returncode == 0
+    r = run(package_copy, build, "import sys; from proxy import accel_build; sys.exit(accel_build.main(['--status']))")
+    assert r.returncode == 1 and r.stdout.startswith("compiled build: 1 of ")
