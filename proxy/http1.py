@@ -149,6 +149,7 @@ class _Reader:
 
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
+        self._max_fields = limits.max_headers  # read once per field: one attribute instead of two
         # A list, not a deque: it holds a few events at a time, and a reader lives as long as its
         # connection, idle ones included (an empty deque is ~600 bytes, an empty list 56).
         self.events: list = []
@@ -162,7 +163,7 @@ class _Reader:
         self._span = 0  # bytes the head being parsed may span at most (see _check_head)
         self._carried = 0  # bytes fed in earlier calls while a head was unfinished
         self._chunked = False  # the message's body is chunked (from the end of its head): see _feed
-        self._moved = False  # a field, body data or a chunk boundary came out of the current feed
+        self._moved = False  # body data or a chunk boundary came out of the current feed (fields: see _feed)
         self._stalled = 0  # bytes fed in a chunked body that brought none of those
 
     # httptools callbacks -------------------------------------------------------------------
@@ -185,10 +186,10 @@ class _Reader:
     def on_header(self, name: bytes, value: bytes) -> None:
         # Called for every field of every message: one append and one count check. The size of the
         # block is checked once the head is complete (_check_head); feed() bounds an unfinished head.
-        self._moved = True
+        # (A field ending in a chunked body's feed counts as progress there: _feed compares the count.)
         fields = self._fields
         fields.append((name, value))
-        if len(fields) > self.limits.max_headers:
+        if len(fields) > self._max_fields:
             what = "header" if self._trailers is None else "trailer"
             raise self._too_large(f"more than {self.limits.max_headers} {what} fields")
 
@@ -224,6 +225,8 @@ class _Reader:
         chunked = self._chunked
         if chunked:
             self._moved = False
+            fields = self._fields
+            count = len(fields)
         try:
             parser.feed_data(data)
         except httptools.HttpParserCallbackError as e:
@@ -244,7 +247,7 @@ class _Reader:
         # like a head instead. (Heads have their own bound; other bodies hold nothing back.)
         if not chunked:
             return
-        if self._moved or self._in_head:
+        if self._moved or self._in_head or self._fields is not fields or len(fields) != count:  # (a field: progress)
             self._stalled = 0
         else:
             self._stalled += n
