@@ -31,8 +31,9 @@ from pathlib import Path
 MODULES = (
     "proxy/relay.py", "proxy/http1.py", "proxy/streams.py", "proxy/flow.py", "proxy/decode.py",
     "proxy/server.py", "proxy/upstream.py", "proxy/clienthello.py", "proxy/errors.py", "proxy/hostmatch.py",
-    "proxy/logproc.py", "proxy/sinks/jsonl.py", "proxy/tls/engine.py", "proxy/tls/contexts.py",
-    "proxy/tls/sessions.py", "proxy/tls/openssl_ext.py",
+    "proxy/logproc.py", "proxy/sinks/jsonl.py", "proxy/sinks/console.py", "proxy/tls/engine.py",
+    "proxy/tls/contexts.py", "proxy/tls/sessions.py", "proxy/tls/openssl_ext.py",
+    "proxy/http2.py", "proxy/relay_h2.py", "proxy/websocket.py",  # HTTP/2 (what browsers mostly speak), WebSocket
 )
 DIRECTIVES = {"language_level": 3, "binding": True, "annotation_typing": False}
 ROOT = Path(__file__).resolve().parent.parent  # the directory holding the proxy package
