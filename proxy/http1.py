@@ -223,6 +223,7 @@ class _Reader:
         n = len(data)
         self._span = self._carried + n
         chunked = self._chunked
+        fields, count = None, 0  # in a chunked body: the fields before this feed (see below)
         if chunked:
             self._moved = False
             fields = self._fields
