@@ -9,7 +9,8 @@ The extensions live in the environment, not in the source tree (<sys.prefix>/htt
 with a manifest of the SHA-256 of each source they were compiled from. install(), called when the
 package is imported, puts a finder in front of the normal import for the modules whose source still
 has its recorded digest; an edited module is imported from its source, so a stale build never runs
-(`./dev` compiles it again). HTTPSDUMP_COMPILED=0 runs everything from source.
+(`./dev` compiles it again). HTTPSDUMP_COMPILED=0 runs everything from source; HTTPSDUMP_COMPILED_DIR
+puts the build elsewhere (the benchmark and the tests keep their own).
 
 Annotations stay documentation (Cython's annotation_typing off: a `dict` parameter given a list is not
 an error, as in Python), and functions keep Python's introspection (binding).
