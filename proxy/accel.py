@@ -68,6 +68,19 @@ def read_manifest(where: Path) -> dict:
     return mods if isinstance(mods, dict) else {}
 
 
+def built(manifest: dict, where: Path, rel: str) -> Path | None:
+    """The compiled file of module `rel` in the build at `where` (its `manifest`), if there is one and it
+    was made from the source as it is now; else None."""
+    entry = manifest.get(rel)
+    if not isinstance(entry, dict) or "so" not in entry:
+        return None
+    so = where / entry["so"]
+    try:
+        return so if so.is_file() and entry.get("sha256") == source_digest(ROOT / rel) else None
+    except OSError:
+        return None
+
+
 class _Finder(importlib.abc.MetaPathFinder):
     """Finds the listed modules in the compiled build; every other name is left to the normal import."""
 
@@ -97,14 +110,8 @@ def install() -> None:
     builds: dict[str, str] = {}
     from_source: list[str] = []  # edited since the build, or not in it
     for rel in MODULES:
-        entry = manifest.get(rel)
-        src = ROOT / rel
-        so = where / entry["so"] if isinstance(entry, dict) and "so" in entry else None
-        try:
-            fresh = so is not None and so.is_file() and entry.get("sha256") == source_digest(src)
-        except OSError:
-            fresh = False
-        if fresh:
+        so = built(manifest, where, rel)
+        if so is not None:
             builds[module_name(rel)] = str(so)
         else:
             from_source.append(module_name(rel))

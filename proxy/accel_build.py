@@ -18,7 +18,8 @@ import sysconfig
 import tempfile
 from pathlib import Path
 
-from .accel import DIRECTIVES, MANIFEST, MODULES, ROOT, build_dir, module_name, read_manifest, source_digest, status, summary
+from .accel import (DIRECTIVES, MANIFEST, MODULES, ROOT, build_dir, built, module_name, read_manifest, source_digest,
+                    status, summary)
 
 
 def build(quiet: bool = False, modules: tuple[str, ...] = MODULES) -> int:
@@ -41,9 +42,7 @@ def _build(quiet: bool, modules: tuple[str, ...]) -> int:
         return 1
     where = build_dir()
     manifest = read_manifest(where)
-    todo = [rel for rel in modules
-            if not (isinstance(manifest.get(rel), dict) and manifest[rel].get("sha256") == source_digest(ROOT / rel)
-                    and (where / manifest[rel].get("so", "")).is_file())]
+    todo = [rel for rel in modules if built(manifest, where, rel) is None]
     if not todo:
         if not quiet:
             print(f"httpsdump: compiled build up to date ({len(modules)} modules in {where})", file=sys.stderr)
