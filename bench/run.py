@@ -621,6 +621,17 @@ def measure(ctx, target_name: str, wl_name: str, rnd: int) -> dict:
     return rec
 
 
+def tls_floor(ctx, rnd: int) -> dict:
+    """bench/floor.py on the proxy's CPU, with the snapshot's code: the CPU that OpenSSL's two handshakes
+    of a new proxied connection take by themselves this round (the machine's speed moves)."""
+    cmd = ["taskset", "-c", PROXY_CPU, str(HTTPSDUMP_PY), str(BENCH / "floor.py"), str(ctx.work / "httpsdump-conf"),
+           str(ctx.pki), "--batches", "5", "--per-batch", "30" if ctx.params["seconds"] < 2 else "60"]
+    r = subprocess.run(cmd, cwd=ctx.code, env=ctx.hd_env, capture_output=True, text=True, timeout=300)
+    if r.returncode != 0:
+        return {"round": rnd, "error": (r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1][:300]}
+    return {"round": rnd, **json.loads(r.stdout)}
+
+
 # ---- preflight: verification is really on ----------------------------------------------------------
 
 def preflight(ctx) -> dict:
@@ -864,7 +875,50 @@ def render(meta: dict, summary: dict, goals: list[dict], targets: list[str], pre
                 L.append(f"| {wl} | {t} | {rounds_txt} | {r['median']:.3f} | "
                          f"{fmt(r['median'] * ISSUE_MITM_CPU_US[wl])} µs |")
         L.append("")
+    L.extend(render_floor(meta.get("tls_floor") or [], runs or [], targets))
     return "\n".join(L)
+
+
+def render_floor(floor: list[dict], runs: list[dict], targets: list[str]) -> list[str]:
+    """The TLS floor section: what OpenSSL's two handshakes take alone, each round, next to the CPU
+    per new connection of each httpsdump variant in the same round."""
+    if not floor:
+        return []
+    goal = next(b for wl, m, _, b, _ in GOALS if wl == "newconn_c10" and m == "cpu_us")
+    L = ["### The TLS floor of a new connection (bench/floor.py, informational)\n",
+         "Each round, before its workloads: the CPU that the proxy's side of the two handshakes of a new "
+         "proxied connection takes with httpsdump's own TLS code (proxy/tls) and nothing around it: a full "
+         "handshake as the server (a certificate minted by httpsdump's CA, verified by the peer) and a "
+         "resumed one as the client (the bench origin's certificate and key; the session of an earlier "
+         "handshake, as httpsdump resumes origins), including the reads that take in the origin's tickets; "
+         "in-process peers over memory BIOs, their CPU not counted, on the proxy's CPU. "
+         "A full handshake as the client (no resumption) is shown for scale. "
+         f"Around = the httpsdump variant's newconn_c10 CPU per connection that round minus the floor: "
+         f"everything else (TCP, CONNECT, ClientHello, HTTP, the log, the event loop). Goal: ≤ {fmt(goal)} µs in all.\n"]
+    cols = [t for t in HTTPSDUMP_TARGETS if t in targets]
+    L.append("| round | OpenSSL | server full µs | client resumed µs | floor µs | floor / goal | client full µs | "
+             + " | ".join(f"{t} µs (around)" for t in cols) + " |")
+    L.append("|" + "---|" * (7 + len(cols)))
+    floors = []
+    for fl in floor:
+        rnd = fl["round"]
+        if fl.get("error"):
+            L.append(f"| {rnd} | failed: {fl['error']} |" + " – |" * (5 + len(cols)))
+            continue
+        f = fl["new_connection_us"]
+        floors.append(f)
+        cells = []
+        for t in cols:
+            cpu = next((r["cpu_us"] for r in runs if r.get("workload") == "newconn_c10" and r.get("target") == t
+                        and r.get("round") == rnd and r.get("cpu_us") and not r.get("error")), None)
+            cells.append("–" if cpu is None else f"{fmt(cpu)} ({fmt(cpu - f)})")
+        resumed = "" if fl.get("resumed_share", 1) >= 0.99 else f" (resumed {fl['resumed_share']:.0%})"
+        L.append(f"| {rnd} | {fl['openssl'].split()[1]} | {fmt(fl['server_full_us'])} | {fmt(fl['client_resumed_us'])}{resumed} | "
+                 f"{fmt(f)} | {f / goal:.0%} | {fmt(fl['client_full_us'])} | " + " | ".join(cells) + " |")
+    if floors:
+        m = statistics.median(floors)
+        L.append(f"\nMedian floor: {fmt(m)} µs per new connection, {m / goal:.0%} of the {fmt(goal)} µs goal.\n")
+    return L
 
 
 def machine_facts(ctx) -> dict:
@@ -1047,7 +1101,15 @@ def main() -> int:
         pre = preflight(ctx)
         if "h2-ka" in workloads:
             pre["h2"] = preflight_h2(ctx)
+        meta["tls_floor"] = []
         for rnd in range(1, rounds + 1):
+            if "newconn_c10" in workloads:
+                try:
+                    fl = tls_floor(ctx, rnd)
+                except Exception as e:  # noqa: BLE001 - the probe must not cost the run
+                    fl = {"round": rnd, "error": f"{type(e).__name__}: {e}"}
+                meta["tls_floor"].append(fl)
+                log(f"bench: round {rnd} tls_floor {json.dumps({k: v for k, v in fl.items() if k != 'batches'})}")
             for wl in workloads:
                 allowed = WORKLOADS[wl].get("targets", ALL_TARGETS)
                 order = [t for t in ctx.targets if t in allowed]
