@@ -52,9 +52,9 @@ if (os.cpu_count() or 1) < 2:
 # httpsdump = its defaults plus the issue's flags (JSONL log on; the SQLite flow store, on by default
 # since it exists, goes to a fresh file per run); httpsdump-nostore = the same with --no-store.
 # httpsdump-w2 = httpsdump with --workers 2 (pinned to both CPUs; see the docstring).
-ALL_TARGETS = ["direct", "tunnel", "httpsdump", "httpsdump-nostore", "httpsdump-w2", "mitmdump"]
-PROXIES = ["tunnel", "httpsdump", "httpsdump-nostore", "httpsdump-w2", "mitmdump"]
-HTTPSDUMP_TARGETS = ["httpsdump", "httpsdump-nostore", "httpsdump-w2"]
+ALL_TARGETS = ["direct", "tunnel", "httpsdump", "httpsdump-nostore", "httpsdump-w2", "httpsdump-asyncio", "mitmdump"]
+PROXIES = ["tunnel", "httpsdump", "httpsdump-nostore", "httpsdump-w2", "httpsdump-asyncio", "mitmdump"]
+HTTPSDUMP_TARGETS = ["httpsdump", "httpsdump-nostore", "httpsdump-w2", "httpsdump-asyncio"]
 WORKLOADS = {
     "ka_c1":       dict(mode="ka", path="/small", c=1, unit="req", args=["-expect-size", "100"]),
     "ka_c50":      dict(mode="ka", path="/small", c=50, unit="req", args=["-expect-size", "100"]),
@@ -318,6 +318,7 @@ class Target:
     name = "direct"
     addr = ""
     pid = None
+    workloads: frozenset[str] | None = None  # the workloads it runs (None: all that allow it)
 
     def __init__(self, ctx):
         self.ctx = ctx
@@ -403,7 +404,7 @@ class Httpsdump(Target):
         self.stderr_path = self.tmp / "stderr.log"
         cmd = ["taskset", "-c", self.cpus, str(HTTPSDUMP_PY), "-m", "proxy", "--listen-host", "127.0.0.1",
                "--listen-port", "0", "--confdir", str(conf), "--upstream-ca", str(ctx.pki / "ca.pem"),
-               "--log-file", str(self.flows), "-q", *self.extra]
+               "--log-file", str(self.flows), "-q", *self.extra, *self.extra_args()]
         if ctx.has_store:  # never let the store accumulate in the confdir from run to run
             cmd += ["--store", str(self.tmp / "flows.sqlite3")] if self.store else ["--no-store"]
         self.cmd = cmd
@@ -420,10 +421,19 @@ class Httpsdump(Target):
             time.sleep(0.05)
         self.pid = self.proc.pid
         self.client_ca = conf / "httpsdump-ca.pem"
+        # Which event loop it runs, from what it has mapped (uvloop is imported only when used).
+        try:
+            maps = Path(f"/proc/{self.pid}/maps").read_text()
+            self.event_loop = "uvloop" if "/uvloop/" in maps else "asyncio"
+        except OSError:
+            self.event_loop = None
+
+    def extra_args(self) -> list[str]:
+        return []
 
     def stop(self):
         stop_proc(self.proc)
-        out = {"exit": self.proc.returncode}
+        out = {"exit": self.proc.returncode, "event_loop": self.event_loop}
         try:
             with open(self.flows, "rb") as f:
                 lines = f.read().splitlines()
@@ -471,6 +481,18 @@ class HttpsdumpNoStore(Httpsdump):
     store = False
 
 
+class HttpsdumpAsyncio(HttpsdumpNoStore):
+    """httpsdump-nostore on the standard asyncio event loop instead of uvloop (`event_loop = "asyncio"`):
+    uvloop is optional (auto-detected), so what it brings is measured on the workloads that matter."""
+    name = "httpsdump-asyncio"
+    workloads = frozenset({"ka_c1", "ka_c50", "newconn_c10", "big_100MB", "idle_500"})
+
+    def extra_args(self) -> list[str]:
+        conf = self.tmp / "asyncio.toml"
+        conf.write_text('event_loop = "asyncio"\n')
+        return ["--config", str(conf)]
+
+
 class HttpsdumpW2(Httpsdump):
     name = "httpsdump-w2"
     cpus = ",".join(sorted({PROXY_CPU, ORIGIN_CPU}))  # both CPUs: see the module docstring
@@ -478,7 +500,12 @@ class HttpsdumpW2(Httpsdump):
 
 
 TARGET_CLASSES = {"direct": Target, "tunnel": Tunnel, "httpsdump": Httpsdump, "httpsdump-nostore": HttpsdumpNoStore,
-                  "httpsdump-w2": HttpsdumpW2, "mitmdump": Mitmdump}
+                  "httpsdump-w2": HttpsdumpW2, "httpsdump-asyncio": HttpsdumpAsyncio, "mitmdump": Mitmdump}
+
+
+def runs_on(target: str, wl: str) -> bool:
+    only = TARGET_CLASSES[target].workloads
+    return only is None or wl in only
 
 
 # ---- one measured run ----------------------------------------------------------------------------
@@ -840,6 +867,14 @@ def render(meta: dict, summary: dict, goals: list[dict], targets: list[str], pre
                      f"{fmt(ratio(hd.get('rate'), r['rate']), 2) if t != 'httpsdump' else ''} | {fmt(r['p50_ms'], 2)} | {fmt(r['p99_ms'], 2)} | "
                      f"{fmt(r['cpu_us'])} | {fmt(r['proxy_cpu_pct'])} | {fmt(r['client_cpu_pct'])} | {fmt(r['cpu0_busy_pct'])} | {fmt(r['other_pct'])} | "
                      f"{fmt(r['hwm_mib'])} | {r['errors']} / {r['ok']} / {r['reconnects']} | {r['n_clean']}/{r['n_all']} | {r['bad_runs'] + r['failed_runs']} |")
+    loops = {}
+    for r in runs or []:
+        el = (r.get("proxy") or {}).get("event_loop")
+        if el:
+            loops.setdefault(r["target"], set()).add(el)
+    if loops:
+        L.append("\nEvent loop each httpsdump target ran on (what its process had mapped): " +
+                 ", ".join(f"{t}: {'/'.join(sorted(v))}" for t, v in loops.items()) + ".")
     if "idle_500" in summary:
         L.append("\n### Idle intercepted connections (500 held open after one request each)\n")
         L.append("| target | RSS before MiB | RSS with 500 open MiB | KiB per connection | still alive after | errors |")
@@ -1112,7 +1147,7 @@ def main() -> int:
                 log(f"bench: round {rnd} tls_floor {json.dumps({k: v for k, v in fl.items() if k != 'batches'})}")
             for wl in workloads:
                 allowed = WORKLOADS[wl].get("targets", ALL_TARGETS)
-                order = [t for t in ctx.targets if t in allowed]
+                order = [t for t in ctx.targets if t in allowed and runs_on(t, wl)]
                 k = (rnd - 1) % max(1, len(order))
                 order = order[k:] + order[:k]  # rotate: no target always runs first
                 for t in order:
