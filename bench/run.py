@@ -16,6 +16,7 @@ its warm-up and the timed phase). RSS figures are the sum over the same tree.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
@@ -421,19 +422,25 @@ class Httpsdump(Target):
             time.sleep(0.05)
         self.pid = self.proc.pid
         self.client_ca = conf / "httpsdump-ca.pem"
-        # Which event loop it runs, from what it has mapped (uvloop is imported only when used).
-        try:
-            maps = Path(f"/proc/{self.pid}/maps").read_text()
-            self.event_loop = "uvloop" if "/uvloop/" in maps else "asyncio"
-        except OSError:
-            self.event_loop = None
 
     def extra_args(self) -> list[str]:
         return []
 
+    def event_loop(self) -> str | None:
+        """The event loop it ran on, from what its processes have mapped (uvloop is imported only when
+        used; with --workers the workers run it, not the supervisor). Read after the run."""
+        maps = []
+        for p in tree_pids(self.pid):
+            with contextlib.suppress(OSError):
+                maps.append(Path(f"/proc/{p}/maps").read_text())
+        if not maps:
+            return None
+        return "uvloop" if any("/uvloop/" in m for m in maps) else "asyncio"
+
     def stop(self):
+        loop = self.event_loop()
         stop_proc(self.proc)
-        out = {"exit": self.proc.returncode, "event_loop": self.event_loop}
+        out = {"exit": self.proc.returncode, "event_loop": loop}
         try:
             with open(self.flows, "rb") as f:
                 lines = f.read().splitlines()
@@ -873,7 +880,7 @@ def render(meta: dict, summary: dict, goals: list[dict], targets: list[str], pre
         if el:
             loops.setdefault(r["target"], set()).add(el)
     if loops:
-        L.append("\nEvent loop each httpsdump target ran on (what its process had mapped): " +
+        L.append("\nEvent loop each httpsdump target ran on (what its processes had mapped after the run): " +
                  ", ".join(f"{t}: {'/'.join(sorted(v))}" for t, v in loops.items()) + ".")
     if "idle_500" in summary:
         L.append("\n### Idle intercepted connections (500 held open after one request each)\n")
