@@ -134,3 +134,42 @@ def test_status_exits_1_unless_every_module_runs_compiled(package_copy, tmp_path
     assert run(package_copy, build, BUILD_ONE).returncode == 0
     r = run(package_copy, build, "import sys; from proxy import accel_build; sys.exit(accel_build.main(['--status']))")
     assert r.returncode == 1 and r.stdout.startswith("compiled build: 1 of ")
+
+
+def test_the_source_runs_without_cython_installed(package_copy, tmp_path):
+    """The HTTP/1 readers are declared for the compiled build with `cython.cclass` (proxy/http1.py); from
+    source, where Cython may not be installed at all (a plain `pip install .`, the Docker image), the
+    declarations come from proxy/_cython.py and do nothing: the readers are plain classes that parse."""
+    code = """
+import sys; sys.modules['cython'] = None; sys.modules['Cython'] = None
+import json
+from proxy import http1
+rr = http1.RequestReader()
+rr.feed(b'GET /a HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n')
+head = rr.next_event()
+resp = http1.ResponseReader('GET')
+resp.feed(b'HTTP/1.1 200 OK\\r\\nContent-Length: 2\\r\\n\\r\\nok')
+events = [type(e).__name__ for e in iter(resp.next_event, None)]
+print(json.dumps({"file": http1.__file__, "shim": type(http1.cython).__module__, "target": head.target,
+                  "events": events, "plain": hasattr(rr, "__dict__")}))
+"""
+    r = run(package_copy, tmp_path / "none", code, HTTPSDUMP_COMPILED="0")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out == {"file": str(package_copy / "proxy" / "http1.py"), "shim": "proxy._cython", "target": "/a",
+                   "events": ["ResponseHead", "Data", "EndOfMessage"], "plain": True}
+
+
+def test_compiled_readers_are_extension_types():
+    """Compiled, a reader has no instance dict: its attributes are the declared fields (proxy/http1.py)."""
+    from proxy import http1
+
+    rr = http1.RequestReader()
+    if http1.__file__.endswith(".py"):
+        assert hasattr(rr, "__dict__")  # the source: a plain class
+        return
+    assert not hasattr(rr, "__dict__")
+    with pytest.raises(AttributeError):
+        rr.undeclared = 1
+    rr.upgraded = True  # declared attributes stay readable and writable from Python
+    assert rr.upgraded is True
