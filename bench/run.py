@@ -393,7 +393,6 @@ class Httpsdump(Target):
     name = "httpsdump"
     store = True
     cpus = PROXY_CPU
-    extra: tuple[str, ...] = ()
 
     def __init__(self, ctx):
         super().__init__(ctx)
@@ -405,7 +404,7 @@ class Httpsdump(Target):
         self.stderr_path = self.tmp / "stderr.log"
         cmd = ["taskset", "-c", self.cpus, str(HTTPSDUMP_PY), "-m", "proxy", "--listen-host", "127.0.0.1",
                "--listen-port", "0", "--confdir", str(conf), "--upstream-ca", str(ctx.pki / "ca.pem"),
-               "--log-file", str(self.flows), "-q", *self.extra, *self.extra_args()]
+               "--log-file", str(self.flows), "-q", *self.extra_args()]
         if ctx.has_store:  # never let the store accumulate in the confdir from run to run
             cmd += ["--store", str(self.tmp / "flows.sqlite3")] if self.store else ["--no-store"]
         self.cmd = cmd
@@ -424,6 +423,7 @@ class Httpsdump(Target):
         self.client_ca = conf / "httpsdump-ca.pem"
 
     def extra_args(self) -> list[str]:
+        """Options of this variant, after the common ones."""
         return []
 
     def event_loop(self) -> str | None:
@@ -503,7 +503,9 @@ class HttpsdumpAsyncio(HttpsdumpNoStore):
 class HttpsdumpW2(Httpsdump):
     name = "httpsdump-w2"
     cpus = ",".join(sorted({PROXY_CPU, ORIGIN_CPU}))  # both CPUs: see the module docstring
-    extra = ("--workers", "2")
+
+    def extra_args(self) -> list[str]:
+        return ["--workers", "2"]
 
 
 TARGET_CLASSES = {"direct": Target, "tunnel": Tunnel, "httpsdump": Httpsdump, "httpsdump-nostore": HttpsdumpNoStore,
