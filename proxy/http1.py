@@ -173,6 +173,9 @@ class _Reader:
     _url = cython.declare(object, visibility="public")
     events = cython.declare(object, visibility="public")
     limits = cython.declare(object, visibility="public")
+    # set by each reader: its httptools parser, and the bytes after a message that ends HTTP
+    _parser = cython.declare(object, visibility="public")
+    leftover = cython.declare(object, visibility="public")
 
     _too_large = HeadersTooLarge  # the client's fault (431); the origin's is a 502
 
@@ -298,8 +301,6 @@ class _Reader:
 class RequestReader(_Reader):
     """Requests from the client, pipelined ones included, in order."""
     _heads_queued = cython.declare(object, visibility="public")
-    _parser = cython.declare(object, visibility="public")
-    leftover = cython.declare(object, visibility="public")
     upgraded = cython.declare(object, visibility="public")
 
     def __init__(self, limits: Limits = Limits()) -> None:
@@ -375,11 +376,9 @@ class ResponseReader(_Reader):
     _head_buf = cython.declare(object, visibility="public")
     _head_only = cython.declare(object, visibility="public")
     _heads_in_buf = cython.declare(object, visibility="public")
-    _parser = cython.declare(object, visibility="public")
     _reusable = cython.declare(object, visibility="public")
     _stopped = cython.declare(object, visibility="public")
     done = cython.declare(object, visibility="public")
-    leftover = cython.declare(object, visibility="public")
     switched = cython.declare(object, visibility="public")
     unsolicited = cython.declare(object, visibility="public")
 
