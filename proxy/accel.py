@@ -1,6 +1,8 @@
-"""The compiled build: the modules on the per-request and per-connection paths, compiled unchanged by
-Cython into C extensions when Cython and a C compiler are at hand. The source is the program; the
-build only runs it with less interpreter overhead (bench/README.md, "The compiled build").
+"""The compiled build: the modules on the per-request and per-connection paths, compiled by Cython
+into C extensions when Cython and a C compiler are at hand. The source is the program; the build only
+runs it with less interpreter overhead (bench/README.md, "The compiled build"). The one addition for
+the compiler: http1's readers declare their attributes, so that compiled they are extension types
+(from source the declarations do nothing, proxy/_cython.py).
 
     python -m proxy.accel_build           compile what changed (./dev and the Dockerfile run it)
     python -m proxy.accel_build --status  which modules run compiled; exit 1 when any does not
