@@ -6,6 +6,8 @@ compiler reads `import cython` as its own and never sees this file."""
 
 from __future__ import annotations
 
+import dataclasses as _dataclasses
+
 __all__ = ["cython"]
 
 
@@ -16,9 +18,22 @@ class _Shadow:
         return cls
 
     @staticmethod
+    def locals(**_types):
+        """@cython.locals(name=type): typed local variables when compiled; the function as it is here."""
+        return lambda f: f
+
+    @staticmethod
     def declare(*_types, **_attrs):
         """cython.declare(type, visibility=...): a typed attribute when compiled; nothing here."""
         return None
+
+
+    # C types named in declarations (cython.locals(n=cython.Py_ssize_t)): a Python int here.
+    Py_ssize_t = int
+
+    # @cython.dataclasses.dataclass over @cython.cclass: a dataclass extension type when compiled; a
+    # plain dataclass here (as with Cython's own stand-in, Cython.Shadow, when Cython is installed).
+    dataclasses = _dataclasses
 
 
 cython = _Shadow()

@@ -3,6 +3,11 @@
 The relay fills a Flow as the exchange progresses and hands it to the sinks when it is complete (or
 failed). `Flow.to_dict()` is the JSON Lines schema documented in the README; sinks never reach into
 the relay, only into these records.
+
+The records built for every exchange are dataclasses declared for Cython (`cython.dataclasses.dataclass`
+over `cython.cclass`): compiled (proxy/accel.py) they are extension types, whose fields the methods
+here and locals declared with `cython.locals` read directly; from source, plain dataclasses
+(proxy/_cython.py). Those with a factory-made field write their __init__ out (see Body).
 """
 
 from __future__ import annotations
@@ -14,8 +19,13 @@ try:
     import orjson as _orjson
 except ImportError:  # pragma: no cover - orjson is a dependency; keep working without it
     _orjson = None
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
+
+try:  # compiled (proxy/accel.py): see _fields_json
+    import cython
+except ImportError:
+    from ._cython import cython
 
 __all__ = ["Body", "Message", "Request", "Response", "CertInfo", "TlsSide", "TlsInfo", "Timing", "Flow"]
 
@@ -34,13 +44,48 @@ def new_flow_id() -> str:
     return _ID_POOL.pop()
 
 
+class Facts(dict):
+    """A dict like any other to whoever reads it, carrying its own JSON text, made once (`json`: an
+    orjson.Fragment, or None). A connection's TLS facts are the same in each of its records: with
+    their text at hand the encoder copies it instead of writing ~30 strings again (a quarter of
+    encoding a keep-alive request's record). Written only by `dumps`/`dumps_line`."""
+
+    __slots__ = ("json",)
+
+    @classmethod
+    def of(cls, d: dict) -> Facts:
+        f = cls(d)
+        f.json = None
+        if _orjson is not None:
+            try:
+                f.json = _orjson.Fragment(_orjson.dumps(d))
+            except TypeError:  # lone surrogates: written with the rest of the record by the fallback
+                pass
+        return f
+
+
+def _json_default(o):
+    """orjson's hook for subclasses of its types (OPT_PASSTHROUGH_SUBCLASS, which the Facts' text
+    needs): a Facts is its text; any other subclass is written as its base type, as without the option."""
+    if type(o) is Facts:
+        return o.json if o.json is not None else dict(o)
+    for base in (str, int, float, dict, list, tuple):
+        if isinstance(o, base):
+            return str.__str__(o) if base is str else base(o)
+    raise TypeError(f"Type is not JSON serializable: {type(o).__name__}")
+
+
+_OPT_LINE = 0 if _orjson is None else _orjson.OPT_APPEND_NEWLINE | _orjson.OPT_PASSTHROUGH_SUBCLASS
+_OPT_TEXT = 0 if _orjson is None else _orjson.OPT_PASSTHROUGH_SUBCLASS
+
+
 def dumps(record: dict) -> str:
     """Compact JSON text of a record. orjson (C) when it can, several times faster than the stdlib
     encoder, which was the largest single cost of logging a flow; the stdlib otherwise. A lone
     surrogate (surrogateescape'd input) becomes the JSON escape "\\udcxx", so the text is valid UTF-8."""
     if _orjson is not None:
         try:
-            return _orjson.dumps(record).decode("utf-8")
+            return _orjson.dumps(record, default=_json_default, option=_OPT_TEXT).decode("utf-8")
         except TypeError:  # orjson refuses lone surrogates
             pass
     text = json.dumps(record, ensure_ascii=False, separators=(",", ":"))
@@ -52,7 +97,7 @@ def dumps_line(record: dict) -> bytes:
     the detour through a str (orjson writes the bytes and the newline itself)."""
     if _orjson is not None:
         try:
-            return _orjson.dumps(record, option=_orjson.OPT_APPEND_NEWLINE)
+            return _orjson.dumps(record, default=_json_default, option=_OPT_LINE)
         except TypeError:  # lone surrogates: dumps() escapes them
             pass
     return dumps(record).encode("utf-8") + b"\n"
@@ -81,26 +126,32 @@ def _render_body():
 _RENDER_BODY = None
 
 
-def _message_dict(m: Message, d: dict, decode_body: Any) -> dict:
-    """`d` completed with a message's version, fields and body (Flow.to_dict, once per message)."""
-    d["http_version"] = m.http_version
-    d["headers"] = [[k.decode("latin-1"), v.decode("latin-1")] for k, v in m.headers]
-    if m.trailers:
-        d["trailers"] = [[k.decode("latin-1"), v.decode("latin-1")] for k, v in m.trailers]
-    if decode_body is not None:
-        d["body"] = decode_body(m)
-    else:
-        d["body"] = {"size": m.body.size, "captured": len(m.body.captured), "truncated": m.body.truncated}
-    return d
+@cython.locals(k=bytes, v=bytes)
+def _fields_json(fields: Headers) -> list:
+    """Header or trailer fields as [name, value] pairs of text, decoded as latin-1 (every byte kept).
+    Compiled, `k` and `v` are known to be bytes, so each decode is one C call to the latin-1 decoder
+    instead of a method lookup and a codec-name lookup (a dozen fields per exchange, in every record)."""
+    out = []
+    for k, v in fields:
+        out.append([k.decode("latin-1"), v.decode("latin-1")])
+    return out
 
 
-@dataclass(slots=True)
+@cython.dataclasses.dataclass(init=False)
+@cython.cclass
 class Body:
     """A body as relayed: its true size, and a captured prefix (up to the configured cap)."""
 
     size: int = 0
-    captured: bytearray = field(default_factory=bytearray)
+    captured: bytearray = cython.dataclasses.field(default_factory=bytearray)
     truncated: bool = False
+
+    # The records with a factory-made field have their __init__ written out (init=False): Cython's
+    # generated one looks each factory up through an import per call (~8k instructions per Request).
+    def __init__(self, size: int = 0, captured: bytearray | None = None, truncated: bool = False) -> None:
+        self.size = size
+        self.captured = bytearray() if captured is None else captured
+        self.truncated = truncated
 
     def feed(self, data: bytes, cap: int) -> None:
         self.size += len(data)
@@ -111,12 +162,20 @@ class Body:
             self.truncated = True
 
 
-@dataclass(slots=True)
+@cython.dataclasses.dataclass(init=False)
+@cython.cclass
 class Message:
     http_version: str = "1.1"
-    headers: Headers = field(default_factory=list)
-    body: Body = field(default_factory=Body)
-    trailers: Headers = field(default_factory=list)
+    headers: Headers = cython.dataclasses.field(default_factory=list)
+    body: Body = cython.dataclasses.field(default_factory=Body)
+    trailers: Headers = cython.dataclasses.field(default_factory=list)
+
+    def __init__(self, http_version: str = "1.1", headers: Headers | None = None, body: Body | None = None,
+                 trailers: Headers | None = None) -> None:
+        self.http_version = http_version
+        self.headers = [] if headers is None else headers
+        self.body = Body() if body is None else body
+        self.trailers = [] if trailers is None else trailers
 
     def header(self, name: bytes) -> bytes | None:
         """First value of a header, case-insensitively (name in lower case)."""
@@ -126,13 +185,27 @@ class Message:
         return None
 
 
-@dataclass(slots=True)
+@cython.dataclasses.dataclass(init=False)
+@cython.cclass
 class Request(Message):
     method: str = ""
     scheme: str = "https"
     host: str = ""
     port: int = 443
     target: str = "/"  # the request-target as sent by the client
+
+    def __init__(self, http_version: str = "1.1", headers: Headers | None = None, body: Body | None = None,
+                 trailers: Headers | None = None, method: str = "", scheme: str = "https", host: str = "",
+                 port: int = 443, target: str = "/") -> None:
+        self.http_version = http_version
+        self.headers = [] if headers is None else headers
+        self.body = Body() if body is None else body
+        self.trailers = [] if trailers is None else trailers
+        self.method = method
+        self.scheme = scheme
+        self.host = host
+        self.port = port
+        self.target = target
 
     @property
     def url(self) -> str:
@@ -144,10 +217,36 @@ class Request(Message):
         return f"{self.scheme}://{netloc}{self.target}"
 
 
-@dataclass(slots=True)
+@cython.dataclasses.dataclass(init=False)
+@cython.cclass
 class Response(Message):
     status: int = 0
     reason: str = ""
+
+    def __init__(self, http_version: str = "1.1", headers: Headers | None = None, body: Body | None = None,
+                 trailers: Headers | None = None, status: int = 0, reason: str = "") -> None:
+        self.http_version = http_version
+        self.headers = [] if headers is None else headers
+        self.body = Body() if body is None else body
+        self.trailers = [] if trailers is None else trailers
+        self.status = status
+        self.reason = reason
+
+
+@cython.locals(m=Message)
+def _message_dict(m: Message, d: dict, decode_body: Any) -> dict:
+    """`d` completed with a message's version, fields and body (Flow.to_dict, once per message).
+    The records' classes are extension types when compiled: a local declared as one (cython.locals)
+    reads their fields directly instead of through CPython's attribute lookup (~170 instructions each)."""
+    d["http_version"] = m.http_version
+    d["headers"] = _fields_json(m.headers)
+    if m.trailers:
+        d["trailers"] = _fields_json(m.trailers)
+    if decode_body is not None:
+        d["body"] = decode_body(m)
+    else:
+        d["body"] = {"size": m.body.size, "captured": len(m.body.captured), "truncated": m.body.truncated}
+    return d
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,7 +259,8 @@ class CertInfo:
     not_after: str
 
 
-@dataclass(slots=True)
+@cython.dataclasses.dataclass
+@cython.cclass
 class TlsSide:
     sni: str | None = None
     version: str | None = None
@@ -174,7 +274,7 @@ class TlsSide:
     verify_result: str | None = None
     cert: CertInfo | None = None
     resumed: bool = False  # upstream: a resumed session (its certificate was verified on an earlier connection)
-    _cached: tuple | None = field(default=None, init=False, repr=False, compare=False)  # (facts, dict)
+    _cached: tuple | None = cython.dataclasses.field(default=None, init=False, repr=False, compare=False)  # (facts, dict)
 
     def to_dict(self, client: bool) -> dict:
         """The JSON-ready facts. One connection's flows all carry the same side, so the dict is made
@@ -186,7 +286,7 @@ class TlsSide:
         cached = self._cached
         if cached is not None and cached[0] == facts:
             return cached[1]
-        d = self._make_dict(client)
+        d = Facts.of(self._make_dict(client))
         self._cached = (facts, d)
         return d
 
@@ -206,13 +306,15 @@ class TlsSide:
         return d
 
 
-@dataclass(slots=True)
+@cython.dataclasses.dataclass
+@cython.cclass
 class TlsInfo:
     client: TlsSide | None = None
     upstream: TlsSide | None = None
 
 
-@dataclass(slots=True)
+@cython.dataclasses.dataclass
+@cython.cclass
 class Timing:
     """Milliseconds since the flow's start for each milestone (None = not reached)."""
 
@@ -225,22 +327,43 @@ class Timing:
     total_ms: float | None = None
 
 
-@dataclass(slots=True)
+@cython.dataclasses.dataclass(init=False)
+@cython.cclass
 class Flow:
     client_addr: str
     mode: str  # "https" (CONNECT + TLS), "tunnel-http" (CONNECT, plain HTTP inside), "http" (forward)
-    id: str = field(default_factory=new_flow_id)
+    id: str = cython.dataclasses.field(default_factory=new_flow_id)
     request: Request | None = None
     response: Response | None = None
-    tls: TlsInfo = field(default_factory=TlsInfo)
-    timing: Timing = field(default_factory=Timing)
+    tls: TlsInfo = cython.dataclasses.field(default_factory=TlsInfo)
+    timing: Timing = cython.dataclasses.field(default_factory=Timing)
     error: dict | None = None  # ProxyError.to_record()
     upgraded: str | None = None  # e.g. "websocket" once switched to a raw relay
     tunnel: dict | None = None  # passthrough: {"host", "port", "bytes_from_client", "bytes_from_server"}
     websocket: dict | None = None  # after a WebSocket upgrade: messages both ways (proxy/websocket.py)
     stream_id: int | None = None  # HTTP/2: the client's stream id (proxy/http2.py)
-    _rendered: tuple | None = field(default=None, init=False, repr=False, compare=False)  # (record, line)
-    _text: str | None = field(default=None, init=False, repr=False, compare=False)
+    _rendered: tuple | None = cython.dataclasses.field(default=None, init=False, repr=False, compare=False)  # (record, line)
+    _text: str | None = cython.dataclasses.field(default=None, init=False, repr=False, compare=False)
+
+    def __init__(self, client_addr: str, mode: str, id: str | None = None, request: Request | None = None,
+                 response: Response | None = None, tls: TlsInfo | None = None, timing: Timing | None = None,
+                 error: dict | None = None, upgraded: str | None = None, tunnel: dict | None = None,
+                 websocket: dict | None = None, stream_id: int | None = None, insecure: bool = False) -> None:
+        self.client_addr = client_addr
+        self.mode = mode
+        self.id = new_flow_id() if id is None else id
+        self.request = request
+        self.response = response
+        self.tls = TlsInfo() if tls is None else tls
+        self.timing = Timing() if timing is None else timing
+        self.error = error
+        self.upgraded = upgraded
+        self.tunnel = tunnel
+        self.websocket = websocket
+        self.stream_id = stream_id
+        self.insecure = insecure
+        self._rendered = None
+        self._text = None
 
     def rendered(self) -> tuple[dict, str]:
         """(record, JSON text) with bodies decoded, computed once and shared by every sink (the JSON
@@ -267,6 +390,7 @@ class Flow:
         st = self.response.status if self.response else (self.error or {}).get("kind", "-")
         return f"<Flow {self.id[:8]} {self.client_addr} {req} -> {st}>"
 
+    @cython.locals(r=Request, s=Response, t=Timing, sides=TlsInfo)
     def to_dict(self, decode_body: Any = None) -> dict:
         """JSON-ready dict; `decode_body(message) -> dict` renders bodies (see decode.py)."""
         out: dict[str, Any] = {
@@ -287,10 +411,11 @@ class Flow:
         s = self.response
         out["response"] = None if s is None else _message_dict(s, {"status": s.status, "reason": s.reason}, decode_body)
         tls = {}
-        if self.tls.client is not None:
-            tls["client"] = self.tls.client.to_dict(client=True)
-        if self.tls.upstream is not None:
-            tls["upstream"] = self.tls.upstream.to_dict(client=False)
+        sides = self.tls
+        if sides.client is not None:
+            tls["client"] = sides.client.to_dict(client=True)
+        if sides.upstream is not None:
+            tls["upstream"] = sides.upstream.to_dict(client=False)
         out["tls"] = tls or None
         t = self.timing
         out["timings"] = {

@@ -26,7 +26,7 @@ connection, so anything after the final response is unsolicited and marks the co
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import httptools
 
@@ -75,7 +75,12 @@ class Limits:
         return self.max_head + self.max_request_line
 
 
-@dataclass(slots=True)
+# The events a reader hands out, one or more per message. Compiled (proxy/accel.py), each is an
+# extension type made by Cython's dataclass support: five of them per keep-alive exchange, built at C
+# speed where a Python dataclass runs its generated __init__ in the interpreter. From source they are
+# plain dataclasses (proxy/_cython.py); annotations stay documentation either way.
+@cython.dataclasses.dataclass
+@cython.cclass
 class RequestHead:
     method: str
     target: str
@@ -87,7 +92,8 @@ class RequestHead:
     upgrade: bool = False  # CONNECT or Upgrade: the connection stops being HTTP after this message
 
 
-@dataclass(slots=True)
+@cython.dataclasses.dataclass
+@cython.cclass
 class ResponseHead:
     status: int
     reason: str
@@ -100,14 +106,20 @@ class ResponseHead:
     informational: bool = False  # 1xx other than 101: another head follows
 
 
-@dataclass(frozen=True, slots=True)
+@cython.dataclasses.dataclass(frozen=True)
+@cython.cclass
 class Data:
     data: bytes
 
 
-@dataclass(slots=True)
+@cython.dataclasses.dataclass(init=False)
+@cython.cclass
 class EndOfMessage:
-    trailers: Headers = field(default_factory=list)
+    trailers: Headers = cython.dataclasses.field(default_factory=list)
+
+    def __init__(self, trailers: Headers | None = None) -> None:
+        # Written out: Cython's generated __init__ looks the factory up through an import per call.
+        self.trailers = [] if trailers is None else trailers
 
 
 class _StopParsing(Exception):

@@ -150,14 +150,22 @@ head = rr.next_event()
 resp = http1.ResponseReader('GET')
 resp.feed(b'HTTP/1.1 200 OK\\r\\nContent-Length: 2\\r\\n\\r\\nok')
 events = [type(e).__name__ for e in iter(resp.next_event, None)]
+from proxy.decode import render_body
+from proxy.flow import Flow, Request, Response, dumps_line
+flow = Flow(client_addr="c", mode="https", request=Request(method="GET", headers=head.headers),
+            response=Response(status=200, headers=[(b"Content-Type", b"text/plain")]))
+flow.response.body.feed(b"ok", 10)
+record = json.loads(dumps_line(flow.to_dict(decode_body=render_body)))
 print(json.dumps({"file": http1.__file__, "shim": type(http1.cython).__module__, "target": head.target,
-                  "events": events, "plain": hasattr(rr, "__dict__")}))
+                  "events": events, "plain": hasattr(rr, "__dict__"), "text": record["response"]["body"]["text"],
+                  "headers": record["request"]["headers"]}))
 """
     r = run(package_copy, tmp_path / "none", code, HTTPSDUMP_COMPILED="0")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out == {"file": str(package_copy / "proxy" / "http1.py"), "shim": "proxy._cython", "target": "/a",
-                   "events": ["ResponseHead", "Data", "EndOfMessage"], "plain": True}
+                   "events": ["ResponseHead", "Data", "EndOfMessage"], "plain": True, "text": "ok",
+                   "headers": [["Host", "x"]]}
 
 
 def test_compiled_readers_are_extension_types():
@@ -173,3 +181,34 @@ def test_compiled_readers_are_extension_types():
         rr.undeclared = 1
     rr.upgraded = True  # declared attributes stay readable and writable from Python
     assert rr.upgraded is True
+
+
+def test_compiled_records_are_extension_types_with_dataclass_manners():
+    """The records built per exchange (proxy/flow.py, http1's events, decode's _Look) are Cython
+    dataclass extension types when compiled and plain dataclasses from source: either way they compare,
+    print and list their fields as dataclasses do, and each gets its own fresh lists and parts."""
+    import dataclasses
+
+    from proxy import decode, flow, http1
+
+    a, b = flow.Request(method="GET"), flow.Request(method="GET")
+    assert a == b and a.headers is not b.headers and a.body is not b.body and a.trailers is not b.trailers
+    assert repr(a).startswith("Request(http_version='1.1', headers=[], body=Body(size=0, ")
+    assert flow.Flow("c", "https").id != flow.Flow("c", "https").id
+    f = flow.Flow("c", "https")
+    assert f.tls is not flow.Flow("c", "https").tls and f.timing.total_ms is None and f.insecure is False
+    assert [x.name for x in dataclasses.fields(flow.Response)][-2:] == ["status", "reason"]
+    assert http1.EndOfMessage().trailers == [] and http1.EndOfMessage().trailers is not http1.EndOfMessage().trailers
+    assert http1.Data(b"x") == http1.Data(b"x") and hash(http1.Data(b"x")) == hash(http1.Data(b"x"))
+    with pytest.raises(AttributeError):  # frozen (dataclasses.FrozenInstanceError from source)
+        http1.Data(b"x").data = b"y"
+    records = [flow.Flow("c", "https"), flow.Request(), flow.Response(), flow.Body(), flow.TlsSide(), flow.TlsInfo(),
+               flow.Timing(), http1.EndOfMessage(), http1.Data(b""), decode._look(flow.Response(), 10)]
+    if flow.__file__.endswith(".py"):
+        assert all(hasattr(r, "__dict__") for r in records)  # the source: plain dataclasses
+        return
+    assert decode.__file__.endswith(".so") and http1.__file__.endswith(".so")
+    for r in records:
+        assert not hasattr(r, "__dict__"), type(r)
+    with pytest.raises(AttributeError):
+        f.undeclared = 1

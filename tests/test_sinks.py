@@ -361,3 +361,55 @@ def test_a_tls_side_renders_again_when_any_of_its_facts_changes():
         setattr(side, name, value)
         after = side.to_dict(client=False)
         assert after is not before and after != before, name
+
+
+def _stdlib_line(record: dict) -> bytes:
+    return (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
+
+
+def test_the_tls_facts_carry_their_text_and_the_line_is_what_the_stdlib_writes():
+    """A connection's TLS facts are encoded once (flow.Facts) and copied into each record's line: the
+    line must be byte for byte what an encoder writing the whole record would write."""
+    from proxy.flow import Facts, dumps, dumps_line
+
+    side = TlsSide(sni="a.test", version="TLSv1.3", cipher="X", alpn="h2", alpn_offer=("h2", "http/1.1"),
+                   verified=True, verify_code=0, verify_result="ok",
+                   cert=CertInfo("CN=a", "CN=ca", ("DNS:a.test",), "00", "then", "later"))
+    flow = Flow(client_addr="127.0.0.1:1", mode="https", tls=TlsInfo(client=side, upstream=side),
+                request=Request(method="GET", host="a.test", target="/é", headers=[(b"Host", b"a.test")]),
+                response=Response(status=200, reason="OK", headers=[(b"X", b"\xe9")]))
+    record = flow.to_dict()
+    facts = record["tls"]["upstream"]
+    assert type(facts) is Facts and isinstance(facts, dict) and facts["cert"]["subject"] == "CN=a"
+    import orjson
+
+    assert facts.json is not None and orjson.dumps(facts.json) == json.dumps(dict(facts), separators=(",", ":")).encode()
+    assert dumps_line(record) == _stdlib_line(record)
+    assert dumps(record) + "\n" == _stdlib_line(record).decode("utf-8")
+    # Other subclasses of the JSON types are written as their base type, as the encoder does without the
+    # hook the facts need (OPT_PASSTHROUGH_SUBCLASS), enums as their value.
+    class Text(str):
+        def __str__(self):
+            return "not this"
+
+    class Num(int):
+        pass
+
+    odd = {"t": Text("x"), "n": Num(3), "d": type("D", (dict,), {})(a=1), "l": type("L", (list,), {})([1]),
+           "reason": CertReason.EXPIRED, "b": True}
+    assert json.loads(dumps_line(odd)) == {"t": "x", "n": 3, "d": {"a": 1}, "l": [1], "reason": CertReason.EXPIRED.value,
+                                           "b": True}
+    with pytest.raises(TypeError):
+        dumps_line({"x": object()})
+
+
+def test_tls_facts_with_a_lone_surrogate_are_written_by_the_fallback():
+    """orjson refuses lone surrogates (surrogateescape'd input): such facts carry no text, and the
+    record goes to the stdlib encoder, which writes the escape."""
+    from proxy.flow import dumps_line
+
+    side = TlsSide(sni="bad\udcff.test")
+    record = Flow(client_addr="c", mode="https", tls=TlsInfo(client=side)).to_dict()
+    assert record["tls"]["client"].json is None
+    line = dumps_line(record)
+    assert b'"sni":"bad\\udcff.test"' in line and json.loads(line)["tls"]["client"]["sni"] == "bad\udcff.test"
