@@ -183,7 +183,7 @@ class _Reader:
     _stalled = cython.declare(object, visibility="public")
     _trailers = cython.declare(object, visibility="public")
     _url = cython.declare(object, visibility="public")
-    events = cython.declare(object, visibility="public")
+    events = cython.declare(list, visibility="public")  # a list: its pop/append are C calls compiled
     limits = cython.declare(object, visibility="public")
     # set by each reader: its httptools parser, and the bytes after a message that ends HTTP
     _parser = cython.declare(object, visibility="public")
@@ -323,7 +323,9 @@ class RequestReader(_Reader):
         self._heads_queued = 0
 
     def next_event(self):
-        ev = super().next_event()
+        if not self.events:
+            return None
+        ev = self.events.pop(0)  # (not super().next_event(): a Python-level call per event)
         if isinstance(ev, RequestHead):
             self._heads_queued -= 1
         return ev
