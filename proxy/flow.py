@@ -58,7 +58,9 @@ class Facts(dict):
         f.json = None
         if _orjson is not None:
             try:
-                f.json = _orjson.Fragment(_orjson.dumps(d))
+                # As text: the bytes orjson returns keep the ~4 KiB buffer it wrote them into, which
+                # held for a connection's life cost 8 KiB per idle connection (bench idle_500).
+                f.json = _orjson.Fragment(_orjson.dumps(d).decode("utf-8"))
             except TypeError:  # lone surrogates: written with the rest of the record by the fallback
                 pass
         return f
