@@ -18,6 +18,11 @@ class _Shadow:
         return cls
 
     @staticmethod
+    def ccall(f):
+        """@cython.ccall: a function or method C code calls directly when compiled; as it is here."""
+        return f
+
+    @staticmethod
     def locals(**_types):
         """@cython.locals(name=type): typed local variables when compiled; the function as it is here."""
         return lambda f: f
@@ -28,8 +33,9 @@ class _Shadow:
         return None
 
 
-    # C types named in declarations (cython.locals(n=cython.Py_ssize_t)): a Python int here.
+    # C types named in declarations (cython.locals(n=cython.Py_ssize_t)): Python ints here.
     Py_ssize_t = int
+    int = int
 
     # @cython.dataclasses.dataclass over @cython.cclass: a dataclass extension type when compiled; a
     # plain dataclass here (as with Cython's own stand-in, Cython.Shadow, when Cython is installed).

@@ -29,7 +29,11 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass
+
+try:  # compiled (proxy/accel.py): _Reader is an extension type and the loops index bytes in C
+    import cython
+except ImportError:
+    from ._cython import cython
 
 __all__ = ["ClientHello", "ClientHelloError", "NeedMore", "NotTLS", "parse", "MAX_HELLO"]
 
@@ -57,7 +61,8 @@ class NotTLS(ClientHelloError):
     """The bytes are not (the start of) a TLS ClientHello we accept; the message says why."""
 
 
-@dataclass(frozen=True, slots=True)
+@cython.dataclasses.dataclass(frozen=True)
+@cython.cclass
 class ClientHello:
     sni: str | None  # host_name from server_name; lower case, no trailing dot; may be an IP literal
     alpn: tuple[str, ...]  # protocol names in the client's order, decoded as latin-1 (lossless)
@@ -71,14 +76,22 @@ def _is_grease(v: int) -> bool:
     return v & 0x0F0F == 0x0A0A and v >> 8 == v & 0xFF
 
 
+@cython.cclass
 class _Reader:
-    """A cursor over `buf` (the bytes received) bounded by `end` (the declared end of a vector)."""
+    """A cursor over `buf` (the bytes received) bounded by `end` (the declared end of a vector).
+    Compiled, an extension type with C integer positions (the parse of a new connection's hello
+    was ~115k instructions as a plain class); from source a plain class."""
 
-    __slots__ = ("buf", "pos", "end")
+    buf = cython.declare(bytes, visibility="public")
+    pos = cython.declare(cython.Py_ssize_t, visibility="public")
+    end = cython.declare(cython.Py_ssize_t, visibility="public")
 
     def __init__(self, buf: bytes, pos: int, end: int) -> None:
         self.buf, self.pos, self.end = buf, pos, end
 
+    # ccall: called from parse() with the reader's type known, a C call; from Python a method as ever.
+    @cython.ccall
+    @cython.locals(n=cython.Py_ssize_t, p=cython.Py_ssize_t, q=cython.Py_ssize_t)
     def take(self, n: int, what: str) -> bytes:
         p, q = self.pos, self.pos + n
         if q > self.end:
@@ -88,9 +101,20 @@ class _Reader:
         self.pos = q
         return self.buf[p:q]
 
+    @cython.ccall
+    @cython.locals(n=cython.Py_ssize_t, p=cython.Py_ssize_t, v=cython.Py_ssize_t)
     def uint(self, n: int, what: str) -> int:
-        return int.from_bytes(self.take(n, what), "big")
+        """A big-endian integer of n (at most 3) bytes."""
+        p = self.pos
+        self.take(n, what)  # the checks, and the move
+        v = 0
+        while p < self.pos:
+            v = v << 8 | self.buf[p]
+            p += 1
+        return v
 
+    @cython.ccall
+    @cython.locals(n=cython.Py_ssize_t)
     def vector(self, len_bytes: int, what: str, lo: int = 0, hi: int = 1 << 24) -> _Reader:
         """A sub-reader over a length-prefixed vector `<lo..hi>` (RFC 8446 §3.4)."""
         n = self.uint(len_bytes, what + " length")
@@ -102,11 +126,13 @@ class _Reader:
         self.pos += n
         return sub
 
+    @cython.ccall
     def finish(self, what: str) -> None:
         """The enclosing length must be used up exactly (known from the lengths alone)."""
         if self.pos != self.end:
             raise NotTLS(f"malformed ClientHello: {self.end - self.pos} stray bytes after {what}")
 
+    @cython.ccall
     def done(self) -> bool:
         """True at the declared end; NeedMore if the bytes up to it have not all arrived."""
         if self.pos >= self.end:
@@ -243,6 +269,8 @@ def _supported_versions(r: _Reader) -> tuple[int, ...]:
     return tuple(v for v in versions if not _is_grease(v))
 
 
+@cython.locals(hs=bytes, r=_Reader, exts=_Reader, p=cython.Py_ssize_t, q=cython.Py_ssize_t,
+               end=cython.Py_ssize_t, kind=cython.int)
 def parse(data: bytes) -> ClientHello:
     """Parse the ClientHello at the start of `data` (bytes as received from the client).
 

@@ -139,7 +139,8 @@ def test_status_exits_1_unless_every_module_runs_compiled(package_copy, tmp_path
 def test_the_source_runs_without_cython_installed(package_copy, tmp_path):
     """The HTTP/1 readers are declared for the compiled build with `cython.cclass` (proxy/http1.py); from
     source, where Cython may not be installed at all (a plain `pip install .`, the Docker image), the
-    declarations come from proxy/_cython.py and do nothing: the readers are plain classes that parse."""
+    declarations come from proxy/_cython.py and do nothing: the readers are plain classes that parse,
+    the records plain dataclasses that render, the ClientHello parser's typed loops plain loops."""
     code = """
 import sys; sys.modules['cython'] = None; sys.modules['Cython'] = None
 import json
@@ -152,20 +153,29 @@ resp.feed(b'HTTP/1.1 200 OK\\r\\nContent-Length: 2\\r\\n\\r\\nok')
 events = [type(e).__name__ for e in iter(resp.next_event, None)]
 from proxy.decode import render_body
 from proxy.flow import Flow, Request, Response, dumps_line
+from proxy import clienthello
+import ssl
+out = ssl.MemoryBIO()
+tls = ssl.create_default_context().wrap_bio(ssl.MemoryBIO(), out, server_hostname="a.test")
+try:
+    tls.do_handshake()
+except ssl.SSLWantReadError:
+    pass
+hello = clienthello.parse(out.read())  # a real ClientHello, from Python's ssl
 flow = Flow(client_addr="c", mode="https", request=Request(method="GET", headers=head.headers),
             response=Response(status=200, headers=[(b"Content-Type", b"text/plain")]))
 flow.response.body.feed(b"ok", 10)
 record = json.loads(dumps_line(flow.to_dict(decode_body=render_body)))
 print(json.dumps({"file": http1.__file__, "shim": type(http1.cython).__module__, "target": head.target,
                   "events": events, "plain": hasattr(rr, "__dict__"), "text": record["response"]["body"]["text"],
-                  "headers": record["request"]["headers"]}))
+                  "headers": record["request"]["headers"], "sni": hello.sni}))
 """
     r = run(package_copy, tmp_path / "none", code, HTTPSDUMP_COMPILED="0")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out == {"file": str(package_copy / "proxy" / "http1.py"), "shim": "proxy._cython", "target": "/a",
                    "events": ["ResponseHead", "Data", "EndOfMessage"], "plain": True, "text": "ok",
-                   "headers": [["Host", "x"]]}
+                   "headers": [["Host", "x"]], "sni": "a.test"}
 
 
 def test_compiled_readers_are_extension_types():
