@@ -2,11 +2,12 @@
 into C extensions when Cython and a C compiler are at hand. The source is the program; the build only
 runs it with less interpreter overhead (bench/README.md, "The compiled build"). What the source adds
 for the compiler, all of it meaningless from source (proxy/_cython.py stands in when Cython is not
-installed): http1's readers declare their attributes (`cython.cclass`, `cython.declare`), and the
-records built per exchange (flow.py's Flow and its parts, http1's events, decode's _Look) are Cython
-dataclasses (`cython.dataclasses.dataclass` over `cython.cclass`), so that compiled they are
-extension types, plain classes and dataclasses from source; a few per-request loops declare their
-locals' types (`cython.locals`: bytes, C integers, those extension types).
+installed): http1's readers and the ClientHello parser's reader declare their attributes
+(`cython.cclass`, `cython.declare`), and the records built per exchange (flow.py's Flow and its parts,
+http1's events, decode's _Look, the ClientHello) are Cython dataclasses (`cython.dataclasses.dataclass`
+over `cython.cclass`), so that compiled they are extension types, plain classes and dataclasses from
+source; a few per-request loops declare their locals' types (`cython.locals`: bytes, C integers,
+those extension types).
 
     python -m proxy.accel_build           compile what changed (./dev and the Dockerfile run it)
     python -m proxy.accel_build --status  which modules run compiled; exit 1 when any does not

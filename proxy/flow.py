@@ -48,7 +48,8 @@ class Facts(dict):
     """A dict like any other to whoever reads it, carrying its own JSON text, made once (`json`: an
     orjson.Fragment, or None). A connection's TLS facts are the same in each of its records: with
     their text at hand the encoder copies it instead of writing ~30 strings again (a quarter of
-    encoding a keep-alive request's record). Written only by `dumps`/`dumps_line`."""
+    encoding a keep-alive request's record). The text is used by `dumps`/`dumps_line` only; any
+    other reader (the store's columns, the stdlib encoder) sees the dict."""
 
     __slots__ = ("json",)
 
