@@ -18,6 +18,11 @@ class _Shadow:
         return cls
 
     @staticmethod
+    def cfunc(f):
+        """@cython.cfunc: a function or method only C code calls, when compiled; as it is here."""
+        return f
+
+    @staticmethod
     def ccall(f):
         """@cython.ccall: a function or method C code calls directly when compiled; as it is here."""
         return f

@@ -89,24 +89,31 @@ class _Reader:
     def __init__(self, buf: bytes, pos: int, end: int) -> None:
         self.buf, self.pos, self.end = buf, pos, end
 
-    # ccall: called from parse() with the reader's type known, a C call; from Python a method as ever.
-    @cython.ccall
+    @cython.cfunc
     @cython.locals(n=cython.Py_ssize_t, p=cython.Py_ssize_t, q=cython.Py_ssize_t)
-    def take(self, n: int, what: str) -> bytes:
+    def _advance(self, n: int, what: str) -> int:
+        """Move past n bytes, checked against the declared end and the bytes received; returns where
+        they start."""
         p, q = self.pos, self.pos + n
         if q > self.end:
             raise NotTLS(f"malformed ClientHello: {what} overruns its enclosing length")
         if q > len(self.buf):
             raise NeedMore
         self.pos = q
-        return self.buf[p:q]
+        return p
+
+    # ccall: called from parse() with the reader's type known, a C call; from Python a method as ever.
+    @cython.ccall
+    @cython.locals(n=cython.Py_ssize_t, p=cython.Py_ssize_t)
+    def take(self, n: int, what: str) -> bytes:
+        p = self._advance(n, what)
+        return self.buf[p:self.pos]
 
     @cython.ccall
     @cython.locals(n=cython.Py_ssize_t, p=cython.Py_ssize_t, v=cython.Py_ssize_t)
     def uint(self, n: int, what: str) -> int:
         """A big-endian integer of n (at most 3) bytes."""
-        p = self.pos
-        self.take(n, what)  # the checks, and the move
+        p = self._advance(n, what)
         v = 0
         while p < self.pos:
             v = v << 8 | self.buf[p]

@@ -175,15 +175,24 @@ class Message:
 
     def __init__(self, http_version: str = "1.1", headers: Headers | None = None, body: Body | None = None,
                  trailers: Headers | None = None) -> None:
+        self._set_message(http_version, headers, body, trailers)
+
+    @cython.cfunc
+    def _set_message(self, http_version: str, headers: Headers | None, body: Body | None,
+                     trailers: Headers | None):
+        """The message's own fields, for its __init__ and its subclasses' (compiled: a C call)."""
         self.http_version = http_version
         self.headers = [] if headers is None else headers
         self.body = Body() if body is None else body
         self.trailers = [] if trailers is None else trailers
 
+    @cython.locals(k=bytes, n=cython.Py_ssize_t)
     def header(self, name: bytes) -> bytes | None:
-        """First value of a header, case-insensitively (name in lower case)."""
+        """First value of a header, case-insensitively (name in lower case). Compiled, fields whose
+        length differs are passed over by a C comparison, without lower()."""
+        n = len(name)
         for k, v in self.headers:
-            if k.lower() == name:
+            if len(k) == n and k.lower() == name:
                 return v
         return None
 
@@ -200,10 +209,7 @@ class Request(Message):
     def __init__(self, http_version: str = "1.1", headers: Headers | None = None, body: Body | None = None,
                  trailers: Headers | None = None, method: str = "", scheme: str = "https", host: str = "",
                  port: int = 443, target: str = "/") -> None:
-        self.http_version = http_version
-        self.headers = [] if headers is None else headers
-        self.body = Body() if body is None else body
-        self.trailers = [] if trailers is None else trailers
+        self._set_message(http_version, headers, body, trailers)
         self.method = method
         self.scheme = scheme
         self.host = host
@@ -228,10 +234,7 @@ class Response(Message):
 
     def __init__(self, http_version: str = "1.1", headers: Headers | None = None, body: Body | None = None,
                  trailers: Headers | None = None, status: int = 0, reason: str = "") -> None:
-        self.http_version = http_version
-        self.headers = [] if headers is None else headers
-        self.body = Body() if body is None else body
-        self.trailers = [] if trailers is None else trailers
+        self._set_message(http_version, headers, body, trailers)
         self.status = status
         self.reason = reason
 

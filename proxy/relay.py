@@ -27,11 +27,6 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Callable
 
-try:  # compiled (proxy/accel.py): see _host_field
-    import cython
-except ImportError:
-    from ._cython import cython
-
 from . import clienthello, installpage
 from .errors import (
     BadRequest,
@@ -105,17 +100,6 @@ def _check_proxy_auth(head: RequestHead, expected: bytes | None) -> None:
                     return
             break
     raise ProxyAuthRequired("proxy authentication required: send the credentials given to --proxy-auth")
-
-
-@cython.locals(k=bytes, n=cython.Py_ssize_t)
-def _host_field(headers: list) -> bytes | None:
-    """The first Host field's value, if any (once per request: a loop over C lengths, lower() only
-    for four-letter names)."""
-    for k, v in headers:
-        n = len(k)
-        if n == 4 and k.lower() == b"host":
-            return v
-    return None
 
 
 @functools.lru_cache(maxsize=1024)  # per request (Host): a client sends the same value over and over
@@ -432,7 +416,7 @@ class Relay:
         req.scheme = "https" if tls_name else "http"
         req.port = port
         req.host = tls_name or host
-        hosthdr = _host_field(head.headers)
+        hosthdr = req.header(b"host")
         if hosthdr:  # the URL a person expects to see is the one their client asked for
             try:  # (not contextlib.suppress: an object and two calls per request)
                 req.host, req.port = _split_host_port(hosthdr.decode("latin-1"), 443 if tls_name else 80)
