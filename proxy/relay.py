@@ -586,7 +586,8 @@ class Relay:
                     if resp.chunked:
                         out.append(last_chunk(ev.trailers))
                     if resp_reader.switched:
-                        flow.upgraded = next((v.decode("latin-1") for k, v in resp.headers if k.lower() == b"upgrade"), "yes")
+                        upgrade = flow.response.header(b"upgrade")
+                        flow.upgraded = "yes" if upgrade is None else upgrade.decode("latin-1")
                         out.append(resp_reader.leftover)  # the new protocol's first bytes, unchanged
                     await client.send(b"".join(out))
                     if resp_reader.switched:
