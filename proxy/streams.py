@@ -312,9 +312,14 @@ class TLSStream:
         loop = self.conn.loop
         deadline = None if timeout is None else loop.time() + timeout
         self.engine.receive(initial)
+        engine = self.engine
         while True:
-            done = self.engine.handshake()
-            self._flush()
+            done = engine.handshake()
+            if not done or not engine.server_side:
+                self._flush()
+            # else: what a server writes as it completes (TLS 1.3 session tickets; TLS 1.2's Finished)
+            # waits in the engine for the next write, or for recv() to need the peer: the tickets go
+            # out with the first response, in its write, instead of a write of their own
             left = None if deadline is None else deadline - loop.time()
             if done:
                 if left is None or left > 0:
@@ -344,12 +349,13 @@ class TLSStream:
                 try:
                     data = engine.read()
                 except TLSFailure as e:
+                    self._flush()  # the alert
                     if self._eof:  # TCP closed without close_notify: end of stream, but remember it
                         self.truncated = True
                         return b""
                     raise self.error(f"TLS error: {e.reason}") from None
-                finally:
-                    self._flush()  # reads can produce output (alerts, key updates)
+                # A read's own output (a KeyUpdate's answer) waits for the next write or wait, as
+                # what handshake() held back does
                 if data is not None:
                     if data and engine.has_input():
                         data = self._more(data)
@@ -359,6 +365,7 @@ class TLSStream:
             if self._eof:
                 self.truncated = True
                 return b""
+            self._flush()  # nothing is held back while we wait for the peer (handshake(), _more())
             # _fill() written out: one coroutine less on every wait for the peer (twice per request)
             data = await self.conn.read(timeout)
             if data:
@@ -388,7 +395,8 @@ class TLSStream:
                 break
             parts.append(data)
             size += len(data)
-        self._flush()
+        if self._failure is not None:
+            self._flush()  # the alert
         return b"".join(parts)
 
     async def send(self, data: bytes) -> None:

@@ -1,14 +1,20 @@
-"""proxy/streams.py's connections on both event loops the proxy runs on (asyncio's and uvloop)."""
+"""proxy/streams.py: its connections on both event loops the proxy runs on (asyncio's and uvloop), and
+when a TLS stream writes."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
+import threading
 
 import pytest
 import uvloop
+from M2Crypto import EVP, X509
 
-from proxy.streams import Conn, open_connection
+from proxy.streams import Conn, TLSStream, open_connection
+from proxy.tls.contexts import server_context
+from proxy.tls.engine import TLSEngine
 
 
 @pytest.mark.parametrize("new_loop", [asyncio.new_event_loop, uvloop.new_event_loop], ids=["asyncio", "uvloop"])
@@ -43,3 +49,93 @@ def test_both_ends_of_a_connection_have_nodelay(new_loop):
         assert loop.run_until_complete(main()) == (1, 1)
     finally:
         loop.close()
+
+
+@pytest.mark.parametrize("version", ["TLSv1_3", "TLSv1_2"])
+def test_a_server_stream_sends_what_ends_its_handshake_with_its_first_write_and_never_waits_on_it(pki, version):
+    """Real TCP, a stdlib ssl client. TLS 1.3: the session ticket that ends the server's handshake
+    leaves in the response's write, not in a write of its own (the client's Finished and request
+    arrive together, as from curl or Go). TLS 1.2: the server's Finished ends its handshake and the
+    client waits for it before it sends the request: recv() must send it before waiting."""
+    leaf = pki.leaves["good"]
+    sctx = server_context(EVP.load_key(str(leaf.key)))
+    cert = X509.load_cert(str(leaf.cert))
+    cctx = ssl.create_default_context(cafile=str(pki.root_pem))
+    cctx.maximum_version = getattr(ssl.TLSVersion, version)
+    got: dict = {}
+
+    def client(port: int) -> None:  # over memory BIOs, so that its last flight and request share one send()
+        inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = cctx.wrap_bio(inc, out, server_hostname="good.test")
+        with socket.create_connection(("127.0.0.1", port)) as raw:
+            raw.settimeout(10)
+            while True:
+                try:
+                    tls.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    raw.sendall(out.read())
+                    inc.write(raw.recv(65536))
+            tls.write(b"ping")
+            raw.sendall(out.read())
+            reply = b""
+            while not reply:
+                try:
+                    reply = tls.read(100)
+                except ssl.SSLWantReadError:
+                    inc.write(raw.recv(65536))
+            got["reply"] = reply
+            got["ticket"] = tls.session is not None and tls.session.has_ticket
+
+    async def main() -> list[bytes]:
+        loop = asyncio.get_running_loop()
+        accepted: asyncio.Future = loop.create_future()
+
+        class Server(Conn):
+            def connection_made(self, transport) -> None:
+                super().connection_made(transport)
+                accepted.set_result(self)
+
+        server = await loop.create_server(Server, "127.0.0.1", 0)
+        thread = threading.Thread(target=client, args=(server.sockets[0].getsockname()[1],))
+        thread.start()
+        conn = await accepted
+        writes: list[bytes] = []
+
+        class Spied:  # the real transport, each write recorded on the way
+            def __init__(self, real) -> None:
+                self.real = real
+
+            def write(self, data: bytes) -> None:
+                writes.append(bytes(data))
+                self.real.write(data)
+
+            def __getattr__(self, name):
+                return getattr(self.real, name)
+
+        conn.transport = Spied(conn.transport)
+        stream = TLSStream(conn, TLSEngine(sctx, server_side=True, cert=cert))
+        await stream.handshake(timeout=10)
+        data = b""
+        while len(data) < 4:
+            data += await stream.recv(10)
+        assert data == b"ping"
+        await stream.send(b"pong")
+        await asyncio.get_running_loop().run_in_executor(None, thread.join, 10)
+        await stream.close()
+        server.close()
+        return writes
+
+    loop = uvloop.new_event_loop()
+    try:
+        writes = loop.run_until_complete(main())
+    finally:
+        loop.close()
+    assert got["reply"] == b"pong"
+    if version == "TLSv1_3":
+        assert got["ticket"]  # the client had it by the time it read the reply
+        # the server's flight; then ticket and reply in one write; then close_notify
+        assert len(writes) == 3, [len(w) for w in writes]
+    else:
+        # the server's flight; its Finished, sent before recv() waited; the reply; close_notify
+        assert len(writes) == 4, [len(w) for w in writes]
