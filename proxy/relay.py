@@ -446,6 +446,7 @@ class Relay:
     async def _upstream_for(self, upstream, connecting, dest, t0):
         host, port, tls_name, sni = dest
         if connecting is not None:  # CONNECT: the tunnel's one upstream, opened during the handshake
+            upstream.request_ready = True  # this request goes out as soon as it is open
             if not connecting.done() or upstream.stream is None:
                 await connecting
             elif upstream.stream.at_eof():  # the origin closed the idle connection: reopen it
@@ -458,6 +459,7 @@ class Relay:
         if upstream is not None:
             await upstream.close()
         upstream = self._upstream(host, port, tls_name, sni)
+        upstream.request_ready = True
         await upstream.open()
         return upstream, None
 

@@ -292,7 +292,8 @@ class TLSStream:
         self.bytes_in = 0
         self.bytes_out = 0
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
+        """Write out what the engine has for the peer."""
         out = self.engine.outgoing()
         if out and not self.conn.is_closing():
             self.conn.transport.write(out)
@@ -315,11 +316,12 @@ class TLSStream:
         engine = self.engine
         while True:
             done = engine.handshake()
-            if not done or not engine.server_side:
-                self._flush()
-            # else: what a server writes as it completes (TLS 1.3 session tickets; TLS 1.2's Finished)
-            # waits in the engine for the next write, or for recv() to need the peer: the tickets go
-            # out with the first response, in its write, instead of a write of their own
+            if not done:
+                self.flush()
+            # else: what ends the handshake (a server's TLS 1.3 session tickets or TLS 1.2 Finished, a
+            # client's Finished) waits in the engine for the stream's next write, or for recv() to
+            # need the peer: it goes out in the first response's or request's write instead of one of
+            # its own. A caller that will not write at once calls flush().
             left = None if deadline is None else deadline - loop.time()
             if done:
                 if left is None or left > 0:
@@ -349,7 +351,7 @@ class TLSStream:
                 try:
                     data = engine.read()
                 except TLSFailure as e:
-                    self._flush()  # the alert
+                    self.flush()  # the alert
                     if self._eof:  # TCP closed without close_notify: end of stream, but remember it
                         self.truncated = True
                         return b""
@@ -365,7 +367,7 @@ class TLSStream:
             if self._eof:
                 self.truncated = True
                 return b""
-            self._flush()  # nothing is held back while we wait for the peer (handshake(), _more())
+            self.flush()  # nothing is held back while we wait for the peer (handshake(), _more())
             # _fill() written out: one coroutine less on every wait for the peer (twice per request)
             data = await self.conn.read(timeout)
             if data:
@@ -396,7 +398,7 @@ class TLSStream:
             parts.append(data)
             size += len(data)
         if self._failure is not None:
-            self._flush()  # the alert
+            self.flush()  # the alert
         return b"".join(parts)
 
     async def send(self, data: bytes) -> None:
@@ -405,7 +407,7 @@ class TLSStream:
             _SENT[0] += len(data)
             try:
                 self.engine.write(data)
-                self._flush()
+                self.flush()
                 conn = self.conn
                 if conn._writing_paused or conn._lost:  # else drain() would return at once: no coroutine
                     await conn.drain()
@@ -419,7 +421,7 @@ class TLSStream:
 
     async def send_eof(self) -> None:
         self.engine.shutdown()
-        self._flush()
+        self.flush()
         with contextlib.suppress(OSError, RuntimeError, ConnectionError):
             await self.conn.drain()
 
@@ -427,7 +429,7 @@ class TLSStream:
         with contextlib.suppress(Exception):
             if not self.conn.is_closing():
                 self.engine.shutdown()
-                self._flush()
+                self.flush()
         await self.conn.close()
         self.engine.free()
 

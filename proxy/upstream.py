@@ -119,6 +119,9 @@ class Upstream:
         self.connect_ms: float | None = None
         self.tls_ms: float | None = None
         self._reader: ResponseReader | None = None
+        # Set by the relay while it waits for open() with a request to send: the handshake's last
+        # flight (our Finished) then leaves with the request, in one write (TLSStream.handshake)
+        self.request_ready = False
 
     def response_reader(self, request_method: str, limits: Limits) -> ResponseReader:
         """A reader for the next response on this connection: the previous one reset when it ended
@@ -173,6 +176,8 @@ class Upstream:
             _record_cert(side, engine, f.verify_code)
             engine.free()
             raise err from None
+        if not self.request_ready:
+            stream.flush()  # no request to carry our Finished: the origin must not wait for it
         self.tls_ms = (self._clock() - t1) * 1000
         if sessions is not None:
             if engine.session_reused:  # no certificate this time: the one the session was verified with

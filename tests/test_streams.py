@@ -7,13 +7,16 @@ import asyncio
 import socket
 import ssl
 import threading
+import time
 
 import pytest
 import uvloop
 from M2Crypto import EVP, X509
 
+from proxy import upstream as upstream_mod
+from proxy.relay import RelayPolicy
 from proxy.streams import Conn, TLSStream, open_connection
-from proxy.tls.contexts import server_context
+from proxy.tls.contexts import server_context, upstream_context
 from proxy.tls.engine import TLSEngine
 
 
@@ -101,19 +104,7 @@ def test_a_server_stream_sends_what_ends_its_handshake_with_its_first_write_and_
         thread.start()
         conn = await accepted
         writes: list[bytes] = []
-
-        class Spied:  # the real transport, each write recorded on the way
-            def __init__(self, real) -> None:
-                self.real = real
-
-            def write(self, data: bytes) -> None:
-                writes.append(bytes(data))
-                self.real.write(data)
-
-            def __getattr__(self, name):
-                return getattr(self.real, name)
-
-        conn.transport = Spied(conn.transport)
+        conn.transport = _Spied(conn.transport, writes)
         stream = TLSStream(conn, TLSEngine(sctx, server_side=True, cert=cert))
         await stream.handshake(timeout=10)
         data = b""
@@ -139,3 +130,85 @@ def test_a_server_stream_sends_what_ends_its_handshake_with_its_first_write_and_
     else:
         # the server's flight; its Finished, sent before recv() waited; the reply; close_notify
         assert len(writes) == 4, [len(w) for w in writes]
+
+
+@pytest.mark.parametrize("request_ready", [True, False])
+def test_an_upstream_sends_its_finished_with_the_request_only_when_one_is_waiting(pki, request_ready, monkeypatch):
+    """Real TCP, a stdlib ssl origin (TLS 1.3). With a request waiting (the relay's case once it has
+    read one), our Finished leaves in the request's write; without, open() sends it at once: the
+    origin must never wait for it."""
+    leaf = pki.leaves["good"]
+    sctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    sctx.load_cert_chain(str(leaf.serve), str(leaf.key))
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    seen: dict = {}
+
+    def origin() -> None:
+        raw, _ = listener.accept()
+        with sctx.wrap_socket(raw, server_side=True) as s:
+            s.settimeout(10)
+            seen["request"] = s.recv(100)
+            s.sendall(b"ok")
+
+    thread = threading.Thread(target=origin)
+    thread.start()
+    cctx = upstream_context((str(pki.root_pem),))
+    writes: list[bytes] = []
+    real_open = upstream_mod.open_tcp
+
+    async def spied_open(*args, **kwargs):
+        conn = await real_open(*args, **kwargs)
+        conn.transport = _Spied(conn.transport, writes)
+        return conn
+
+    monkeypatch.setattr(upstream_mod, "open_tcp", spied_open)
+
+    async def main() -> int:
+        up = upstream_mod.Upstream("127.0.0.1", port, "good.test", sni=True, ctx_for=lambda name: cctx,
+                                   policy=RelayPolicy(), clock=time.monotonic)
+        up.request_ready = request_ready
+        await up.open()
+        after_open = len(writes)
+        await up.stream.send(b"GET / HTTP/1.1\r\n\r\n")
+        assert await up.stream.recv(10) == b"ok"
+        await up.close()
+        return after_open
+
+    loop = uvloop.new_event_loop()
+    try:
+        after_open = loop.run_until_complete(main())
+    finally:
+        loop.close()
+        thread.join(10)
+        listener.close()
+    assert seen["request"] == b"GET / HTTP/1.1\r\n\r\n"
+    if request_ready:  # ClientHello; change_cipher_spec, Finished and request in one write; close_notify
+        assert after_open == 1 and len(writes) == 3
+        assert _record_types(writes[1]) == [20, 23, 23]
+    else:  # ClientHello; change_cipher_spec and Finished, sent by open(); the request; close_notify
+        assert after_open == 2 and len(writes) == 4
+        assert _record_types(writes[1]) == [20, 23]
+
+
+def _record_types(data: bytes) -> list[int]:
+    """The content types of the TLS records in `data` (20 change_cipher_spec, 23 encrypted)."""
+    types = []
+    while data:
+        types.append(data[0])
+        data = data[5 + int.from_bytes(data[3:5], "big"):]
+    return types
+
+
+class _Spied:
+    """A real transport, each write recorded on its way through."""
+
+    def __init__(self, real, writes: list) -> None:
+        self.real, self.writes = real, writes
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(bytes(data))
+        self.real.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
