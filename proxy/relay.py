@@ -591,10 +591,12 @@ class Relay:
                         upgrade = flow.response.header(b"upgrade")
                         flow.upgraded = "yes" if upgrade is None else upgrade.decode("latin-1")
                         out.append(resp_reader.leftover)  # the new protocol's first bytes, unchanged
-                    await client.send(b"".join(out))
+                    keep = resp.keep_alive and not resp_reader.unsolicited
+                    # The answer that ends the connection carries the close_notify in its write
+                    await client.send(b"".join(out), not resp_reader.switched and not (keep and head.keep_alive))
                     if resp_reader.switched:
                         return _Switched(resp_reader.leftover)
-                    return resp.keep_alive and not resp_reader.unsolicited
+                    return keep
         finally:
             if timer is not None:
                 timer.cancel()

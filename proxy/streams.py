@@ -255,7 +255,8 @@ class PlainStream:
         """Put bytes back in front of the stream (used after peeking at a ClientHello)."""
         self._pending = data + self._pending
 
-    async def send(self, data: bytes) -> None:
+    async def send(self, data: bytes, last: bool = False) -> None:
+        """`last` (nothing follows) changes nothing here: close() ends the connection."""
         if data:
             self.bytes_out += len(data)
             _SENT[0] += len(data)
@@ -401,12 +402,15 @@ class TLSStream:
             self.flush()  # the alert
         return b"".join(parts)
 
-    async def send(self, data: bytes) -> None:
+    async def send(self, data: bytes, last: bool = False) -> None:
+        """`last`: nothing follows on this connection; the close_notify goes in the same write."""
         if data:
             self.bytes_out += len(data)
             _SENT[0] += len(data)
             try:
                 self.engine.write(data)
+                if last:
+                    self.engine.shutdown()
                 self.flush()
                 conn = self.conn
                 if conn._writing_paused or conn._lost:  # else drain() would return at once: no coroutine

@@ -59,7 +59,8 @@ def test_a_server_stream_sends_what_ends_its_handshake_with_its_first_write_and_
     """Real TCP, a stdlib ssl client. TLS 1.3: the session ticket that ends the server's handshake
     leaves in the response's write, not in a write of its own (the client's Finished and request
     arrive together, as from curl or Go). TLS 1.2: the server's Finished ends its handshake and the
-    client waits for it before it sends the request: recv() must send it before waiting."""
+    client waits for it before it sends the request: recv() must send it before waiting. The last
+    response (send(last=True)) carries the close_notify."""
     leaf = pki.leaves["good"]
     sctx = server_context(EVP.load_key(str(leaf.key)))
     cert = X509.load_cert(str(leaf.cert))
@@ -89,6 +90,10 @@ def test_a_server_stream_sends_what_ends_its_handshake_with_its_first_write_and_
                     inc.write(raw.recv(65536))
             got["reply"] = reply
             got["ticket"] = tls.session is not None and tls.session.has_ticket
+            try:  # then the close_notify (sent with the reply: send(last=True)), read as b""
+                got["after"] = tls.read(100)
+            except ssl.SSLWantReadError:
+                got["after"] = "nothing yet"
 
     async def main() -> list[bytes]:
         loop = asyncio.get_running_loop()
@@ -111,7 +116,7 @@ def test_a_server_stream_sends_what_ends_its_handshake_with_its_first_write_and_
         while len(data) < 4:
             data += await stream.recv(10)
         assert data == b"ping"
-        await stream.send(b"pong")
+        await stream.send(b"pong", last=True)
         await asyncio.get_running_loop().run_in_executor(None, thread.join, 10)
         await stream.close()
         server.close()
@@ -122,14 +127,14 @@ def test_a_server_stream_sends_what_ends_its_handshake_with_its_first_write_and_
         writes = loop.run_until_complete(main())
     finally:
         loop.close()
-    assert got["reply"] == b"pong"
+    assert got["reply"] == b"pong" and got["after"] == b""
     if version == "TLSv1_3":
         assert got["ticket"]  # the client had it by the time it read the reply
-        # the server's flight; then ticket and reply in one write; then close_notify
-        assert len(writes) == 3, [len(w) for w in writes]
+        # the server's flight; then ticket, reply and close_notify in one write (close() adds none)
+        assert len(writes) == 2 and _record_types(writes[1]) == [23, 23, 23]
     else:
-        # the server's flight; its Finished, sent before recv() waited; the reply; close_notify
-        assert len(writes) == 4, [len(w) for w in writes]
+        # the server's flight; its Finished, sent before recv() waited; the reply and close_notify
+        assert len(writes) == 3 and _record_types(writes[2]) == [23, 21]
 
 
 @pytest.mark.parametrize("request_ready", [True, False])
@@ -192,7 +197,7 @@ def test_an_upstream_sends_its_finished_with_the_request_only_when_one_is_waitin
 
 
 def _record_types(data: bytes) -> list[int]:
-    """The content types of the TLS records in `data` (20 change_cipher_spec, 23 encrypted)."""
+    """The content types of the TLS records in `data` (20 change_cipher_spec, 21 alert, 23 encrypted)."""
     types = []
     while data:
         types.append(data[0])
