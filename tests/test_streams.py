@@ -122,11 +122,7 @@ def test_a_server_stream_sends_what_ends_its_handshake_with_its_first_write_and_
         server.close()
         return writes
 
-    loop = uvloop.new_event_loop()
-    try:
-        writes = loop.run_until_complete(main())
-    finally:
-        loop.close()
+    writes = uvloop.run(main())
     assert got["reply"] == b"pong" and got["after"] == b""
     if version == "TLSv1_3":
         assert got["ticket"]  # the client had it by the time it read the reply
@@ -180,11 +176,9 @@ def test_an_upstream_sends_its_finished_with_the_request_only_when_one_is_waitin
         await up.close()
         return after_open
 
-    loop = uvloop.new_event_loop()
     try:
-        after_open = loop.run_until_complete(main())
+        after_open = uvloop.run(main())
     finally:
-        loop.close()
         thread.join(10)
         listener.close()
     assert seen["request"] == b"GET / HTTP/1.1\r\n\r\n"
